@@ -1,0 +1,219 @@
+"""Everything that knows which array library is which lives here.
+
+Two things need that knowledge:
+
+* `zeros`, used by the cell and layer code: CuPy's creation functions allocate on
+  the *current* device, and array-api-compat ignores ``device=`` for CuPy, so a
+  zero state must be created inside the array's device context.
+* The backend registry used by ``python -m rnn_xp`` and by the test matrix: how
+  to load each library, put a NumPy array on it, wait for it, and bring a result
+  back to NumPy. A library is imported only when its backend is loaded.
+
+No other module of rnn_xp asks which library an array comes from.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from array_api_compat import is_cupy_namespace
+
+__all__ = ["BACKENDS", "TOLERANCE", "Backend", "BackendUnavailable", "Loaded", "zeros"]
+
+TOLERANCE = {"float32": 1e-4, "float64": 1e-12}
+"""Largest deviation from NumPy float64 allowed for a backend, relative to
+max(1, max |reference|), by computation dtype. float32 rounds at ~6e-8 per
+operation; an output here sums a few hundred products along the longest path."""
+
+
+def zeros(xp: ModuleType, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
+    """``xp.zeros(shape, dtype=dtype, device=device)``, honoured on CuPy too."""
+    if is_cupy_namespace(xp):
+        with device:
+            return xp.zeros(shape, dtype=dtype)
+    return xp.zeros(shape, dtype=dtype, device=device)
+
+
+class BackendUnavailable(Exception):
+    """A backend cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A backend ready to use.
+
+    xp : the array-API namespace (array-api-compat's wrapper where there is one)
+    device : where `asarray` puts arrays
+    asarray : NumPy array -> array of this backend, on `device`, as a fresh copy
+    to_numpy : array of this backend -> NumPy array (computes lazy arrays)
+    block : waits until an array of this backend is computed
+    """
+
+    name: str
+    xp: ModuleType
+    device: Any
+    asarray: Callable[[np.ndarray], Any]
+    to_numpy: Callable[[Any], np.ndarray]
+    block: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A named way of running rnn_xp; `load` raises BackendUnavailable with a reason."""
+
+    name: str
+    gpu: bool
+    _load: Callable[[], Loaded]
+
+    def load(self) -> Loaded:
+        return self._load()
+
+
+def _import(module: str, what: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(f"{what} is not installed ({exc})") from None
+
+
+def _numpy(readonly: bool) -> Callable[[], Loaded]:
+    def load() -> Loaded:
+        import array_api_compat.numpy as xp
+
+        def asarray(a: np.ndarray) -> np.ndarray:
+            out = np.array(a, copy=True)
+            out.flags.writeable = not readonly
+            return out
+
+        name = "numpy:readonly" if readonly else "numpy"
+        return Loaded(name, xp, "cpu", asarray, np.asarray, lambda a: a)
+
+    return load
+
+
+def _array_api_strict(device_name: str | None) -> Callable[[], Loaded]:
+    def load() -> Loaded:
+        xp = _import("array_api_strict", "array-api-strict")
+        info = xp.__array_namespace_info__()
+        dev = info.default_device() if device_name is None else xp.Device(device_name)
+        cpu = info.default_device()
+
+        def to_numpy(a: Any) -> np.ndarray:
+            return np.asarray(a.to_device(cpu))
+
+        name = "array_api_strict" + ("" if device_name is None else f":{device_name}")
+        return Loaded(
+            name, xp, dev, lambda a: xp.asarray(a, device=dev, copy=True), to_numpy, lambda a: a
+        )
+
+    return load
+
+
+def _torch(cuda: bool) -> Callable[[], Loaded]:
+    def load() -> Loaded:
+        torch = _import("torch", "PyTorch")
+        if cuda and not torch.cuda.is_available():
+            raise BackendUnavailable("PyTorch is installed but sees no CUDA GPU")
+        import array_api_compat.torch as xp
+
+        dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+        def block(a: Any) -> Any:
+            if cuda:
+                torch.cuda.synchronize(dev)
+            return a
+
+        return Loaded(
+            "torch:cuda" if cuda else "torch",
+            xp,
+            dev,
+            lambda a: torch.asarray(np.array(a, copy=True), device=dev),
+            lambda a: a.detach().cpu().numpy(),
+            block,
+        )
+
+    return load
+
+
+def _jax(gpu: bool) -> Callable[[], Loaded]:
+    def load() -> Loaded:
+        jax = _import("jax", "JAX")
+        # float64 needs x64; it must be on before any array is made.
+        jax.config.update("jax_enable_x64", True)
+        # Full float32 matmul precision: JAX uses TF32 on recent NVIDIA GPUs by
+        # default, which would hide our own error behind the hardware's.
+        jax.config.update("jax_default_matmul_precision", "highest")
+        try:
+            dev = jax.devices("gpu" if gpu else "cpu")[0]
+        except RuntimeError as exc:
+            raise BackendUnavailable(
+                f"JAX sees no {'GPU' if gpu else 'CPU'} device ({exc})"
+            ) from None
+        import jax.numpy as xp
+
+        return Loaded(
+            "jax:gpu" if gpu else "jax",
+            xp,
+            dev,
+            lambda a: jax.device_put(np.array(a, copy=True), dev),
+            np.asarray,
+            lambda a: a.block_until_ready(),
+        )
+
+    return load
+
+
+def _dask() -> Loaded:
+    da = _import("dask.array", "Dask")
+    import array_api_compat.dask.array as xp
+
+    def asarray(a: np.ndarray) -> Any:
+        # Split the batch axis in two so that every operation sees several chunks.
+        chunks = tuple([max(1, -(-a.shape[0] // 2)), *a.shape[1:]]) if a.ndim else ()
+        return da.from_array(np.array(a, copy=True), chunks=chunks)
+
+    return Loaded("dask", xp, "cpu", asarray, np.asarray, lambda a: a.compute())
+
+
+def _cupy() -> Loaded:
+    cp = _import("cupy", "CuPy")
+    # is_available() is False when CuPy is installed but no GPU or driver is present.
+    if not cp.is_available():
+        raise BackendUnavailable("CuPy is installed but no CUDA GPU is available")
+    import array_api_compat.cupy as xp
+
+    dev = cp.cuda.Device(0)
+
+    def asarray(a: np.ndarray) -> Any:
+        with dev:
+            return cp.array(a, copy=True)
+
+    def block(a: Any) -> Any:
+        with dev:
+            cp.cuda.get_current_stream().synchronize()
+        return a
+
+    return Loaded("cupy", xp, dev, asarray, lambda a: a.get(), block)
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("numpy", False, _numpy(readonly=False)),
+        Backend("numpy:readonly", False, _numpy(readonly=True)),
+        Backend("array_api_strict", False, _array_api_strict(None)),
+        Backend("array_api_strict:device1", False, _array_api_strict("device1")),
+        Backend("torch", False, _torch(cuda=False)),
+        Backend("jax", False, _jax(gpu=False)),
+        Backend("dask", False, _dask),
+        Backend("cupy", True, _cupy),
+        Backend("torch:cuda", True, _torch(cuda=True)),
+        Backend("jax:gpu", True, _jax(gpu=True)),
+    )
+}
+"""Every backend rnn_xp is tested on, CPU ones first."""

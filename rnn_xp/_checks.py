@@ -1,0 +1,124 @@
+"""Input validation shared by every public entry point.
+
+Each check names the offending argument and says what was expected and what was
+received. Shape and device problems raise `ValueError`; library and dtype
+problems raise `TypeError`. Nothing here copies or modifies an input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+from array_api_compat import array_namespace, device, is_array_api_obj
+
+__all__ = [
+    "check_bias",
+    "check_shape",
+    "common",
+    "sum_to_shape",
+]
+
+
+def common(**arrays: Any) -> tuple[ModuleType, Any, Any]:
+    """Validate the arrays of one call and return ``(xp, dtype, device)``.
+
+    ``arrays`` maps argument names to arrays, or to None for an omitted optional
+    argument. The namespace is inferred once here; the computation dtype is the
+    result type of all the arrays, which must be real floating.
+    """
+    given = {name: a for name, a in arrays.items() if a is not None}
+    try:
+        xp = array_namespace(*given.values())
+    except TypeError:
+        _raise_namespace_error(given)
+    for name, a in given.items():
+        # array_namespace lets Python scalars through; an RNN input never is one.
+        if type(a) in (bool, int, float, complex):
+            raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+        if not xp.isdtype(a.dtype, "real floating"):
+            raise TypeError(
+                f"{name}: expected a real floating dtype (float32 or float64), got {a.dtype}"
+            )
+    dev = _common_device(given)
+    return xp, xp.result_type(*given.values()), dev
+
+
+def _raise_namespace_error(given: dict[str, Any]) -> None:
+    first_name = first_xp = None
+    for name, a in given.items():
+        if not is_array_api_obj(a):
+            raise TypeError(
+                f"{name}: expected an array, got {type(a).__module__}.{type(a).__name__}"
+            )
+        xp = array_namespace(a)
+        if first_xp is None:
+            first_name, first_xp = name, xp
+        elif xp is not first_xp:
+            raise TypeError(
+                f"{name}: expected an array of the same library as {first_name} "
+                f"({first_xp.__name__}), got {type(a).__module__}.{type(a).__name__}"
+            )
+    raise TypeError(
+        f"cannot infer one array namespace from {', '.join(given)}"
+    )  # pragma: no cover
+
+
+def _common_device(given: dict[str, Any]) -> Any:
+    # JAX tracers report no device (None): they are placed by JAX itself, so
+    # they neither set nor contradict the device of the call.
+    first_name = first_dev = None
+    for name, a in given.items():
+        dev = device(a)
+        if dev is None:
+            continue
+        if first_dev is None:
+            first_name, first_dev = name, dev
+        # CuPy devices are not hashable, so compare pairwise rather than in a set.
+        elif dev != first_dev:
+            raise ValueError(
+                f"{name}: expected an array on the same device as {first_name} "
+                f"({first_dev}), got one on {dev}"
+            )
+    return first_dev
+
+
+def _format(spec: Sequence[tuple[str, int | None]]) -> str:
+    dims = [label if size is None else f"{label}={size}" for label, size in spec]
+    return "(" + ", ".join(dims) + (",)" if len(dims) == 1 else ")")
+
+
+def check_shape(name: str, a: Any, spec: Sequence[tuple[str, int | None]], why: str = "") -> None:
+    """Check that ``a`` has ``len(spec)`` axes whose sizes match ``spec``.
+
+    ``spec`` is a sequence of ``(label, size)``; a size of None accepts any size.
+    """
+    shape = tuple(a.shape)
+    if len(shape) != len(spec) or any(
+        size is not None and got != size for (_, size), got in zip(spec, shape)
+    ):
+        why = f" {why}" if why else ""
+        raise ValueError(f"{name}: expected shape {_format(spec)}{why}, got {shape}")
+
+
+def check_bias(name: str, b: Any, N: int, H: int) -> None:
+    """Check that ``b`` broadcasts to ``(N, H)``: (H,), (1, H), (N, H), () and so on."""
+    shape = tuple(b.shape)
+    target = (N, H)
+    if len(shape) > 2 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
+        raise ValueError(
+            f"{name}: expected a shape that broadcasts to (N={N}, H={H}), such as (H={H},) "
+            f"or (N={N}, H={H}), got {shape}"
+        )
+
+
+def sum_to_shape(xp: ModuleType, g: Any, shape: tuple[int, ...]) -> Any:
+    """Reduce ``g`` over the axes that broadcasting ``shape`` to ``g.shape`` added."""
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, s in enumerate(shape) if s == 1 and g.shape[lead + i] != 1
+    )
+    if axes:
+        g = xp.sum(g, axis=axes, keepdims=True)
+    return xp.reshape(g, shape) if lead else g
