@@ -3,10 +3,14 @@
 The same code runs on NumPy, CuPy, PyTorch, JAX, Dask and array-api-strict
 arrays, and returns results in the caller's library, dtype and device.
 
-Classes (the notebook's contract)
-    RNN, RNNLayer
+Cells and layers (stateful classes, the notebook's contract)
+    RNN, RNNLayer, LSTM, LSTMLayer, GRU, GRULayer
 Pure functions (no hidden state; the classes wrap them)
-    rnn_cell_forward, rnn_cell_backward, rnn_forward, rnn_backward
+    rnn_cell_forward, rnn_cell_backward, rnn_forward, rnn_backward,
+    lstm_cell_forward, lstm_cell_backward, lstm_forward, lstm_backward,
+    gru_cell_forward, gru_cell_backward, gru_forward, gru_backward
+Sequence model (stacked, bidirectional, masks, dropout) and torch interop
+    Recurrent, from_torch
 """
 
 from .elman import (
@@ -17,13 +21,45 @@ from .elman import (
     rnn_cell_forward,
     rnn_forward,
 )
+from .gru import (
+    GRU,
+    GRULayer,
+    gru_backward,
+    gru_cell_backward,
+    gru_cell_forward,
+    gru_forward,
+)
+from .lstm import (
+    LSTM,
+    LSTMLayer,
+    lstm_backward,
+    lstm_cell_backward,
+    lstm_cell_forward,
+    lstm_forward,
+)
+from .model import MODES, Recurrent, from_torch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "GRU",
+    "LSTM",
+    "MODES",
     "RNN",
+    "GRULayer",
+    "LSTMLayer",
     "RNNLayer",
+    "Recurrent",
     "__version__",
+    "from_torch",
+    "gru_backward",
+    "gru_cell_backward",
+    "gru_cell_forward",
+    "gru_forward",
+    "lstm_backward",
+    "lstm_cell_backward",
+    "lstm_cell_forward",
+    "lstm_forward",
     "rnn_backward",
     "rnn_cell_backward",
     "rnn_cell_forward",

@@ -2,9 +2,10 @@
 
 Two things need that knowledge:
 
-* `zeros`, used by the cell and layer code: CuPy's creation functions allocate on
-  the *current* device, and array-api-compat ignores ``device=`` for CuPy, so a
-  zero state must be created inside the array's device context.
+* the creation functions used by the cell and layer code (`zeros`, `zeros_like`,
+  `arange`, `asarray`): CuPy's creation functions allocate on the *current*
+  device, and array-api-compat ignores ``device=`` for CuPy, so new arrays must
+  be created inside the target device's context.
 * The backend registry used by ``python -m rnn_xp`` and by the test matrix: how
   to load each library, put a NumPy array on it, wait for it, and bring a result
   back to NumPy. A library is imported only when its backend is loaded.
@@ -16,14 +17,25 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
-from array_api_compat import is_cupy_namespace
+from array_api_compat import device, is_cupy_namespace
 
-__all__ = ["BACKENDS", "TOLERANCE", "Backend", "BackendUnavailable", "Loaded", "zeros"]
+__all__ = [
+    "BACKENDS",
+    "TOLERANCE",
+    "Backend",
+    "BackendUnavailable",
+    "Loaded",
+    "arange",
+    "asarray",
+    "zeros",
+    "zeros_like",
+]
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-12}
 """Largest deviation from NumPy float64 allowed for a backend, relative to
@@ -31,12 +43,32 @@ max(1, max |reference|), by computation dtype. float32 rounds at ~6e-8 per
 operation; an output here sums a few hundred products along the longest path."""
 
 
+def _on(xp: ModuleType, device: Any) -> AbstractContextManager:
+    # CuPy allocates on the current device whatever device= says; enter it.
+    return device if is_cupy_namespace(xp) and device is not None else nullcontext()
+
+
 def zeros(xp: ModuleType, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
     """``xp.zeros(shape, dtype=dtype, device=device)``, honoured on CuPy too."""
-    if is_cupy_namespace(xp):
-        with device:
-            return xp.zeros(shape, dtype=dtype)
-    return xp.zeros(shape, dtype=dtype, device=device)
+    with _on(xp, device):
+        return xp.zeros(shape, dtype=dtype, device=device)
+
+
+def zeros_like(xp: ModuleType, a: Any) -> Any:
+    """Zeros of the shape, dtype and device of ``a``."""
+    return zeros(xp, tuple(a.shape), a.dtype, device(a))
+
+
+def arange(xp: ModuleType, n: int, device: Any) -> Any:
+    """``xp.arange(n, device=device)``, honoured on CuPy too."""
+    with _on(xp, device):
+        return xp.arange(n, device=device)
+
+
+def asarray(xp: ModuleType, a: Any, dtype: Any, device: Any) -> Any:
+    """A NumPy array as a new array of namespace ``xp`` on ``device``."""
+    with _on(xp, device):
+        return xp.asarray(a, dtype=dtype, device=device, copy=True)
 
 
 class BackendUnavailable(Exception):
@@ -52,6 +84,7 @@ class Loaded:
     asarray : NumPy array -> array of this backend, on `device`, as a fresh copy
     to_numpy : array of this backend -> NumPy array (computes lazy arrays)
     block : waits until an array of this backend is computed
+    compute : like `to_numpy` over a list at once (one graph evaluation on Dask)
     """
 
     name: str
@@ -60,6 +93,13 @@ class Loaded:
     asarray: Callable[[np.ndarray], Any]
     to_numpy: Callable[[Any], np.ndarray]
     block: Callable[[Any], Any]
+    compute: Callable[[list], list] | None = None
+
+    def to_numpy_all(self, arrays: list) -> list[np.ndarray]:
+        """`to_numpy` of every array; Dask evaluates their shared graph once."""
+        if self.compute is not None:
+            return [np.asarray(a) for a in self.compute(arrays)]
+        return [self.to_numpy(a) for a in arrays]
 
 
 @dataclass(frozen=True)
@@ -177,7 +217,17 @@ def _dask() -> Loaded:
         chunks = tuple([max(1, -(-a.shape[0] // 2)), *a.shape[1:]]) if a.ndim else ()
         return da.from_array(np.array(a, copy=True), chunks=chunks)
 
-    return Loaded("dask", xp, "cpu", asarray, np.asarray, lambda a: a.compute())
+    import dask
+
+    return Loaded(
+        "dask",
+        xp,
+        "cpu",
+        asarray,
+        np.asarray,
+        lambda a: a.compute(),
+        lambda arrays: list(dask.compute(*arrays)),
+    )
 
 
 def _cupy() -> Loaded:

@@ -122,3 +122,25 @@ def sum_to_shape(xp: ModuleType, g: Any, shape: tuple[int, ...]) -> Any:
     if axes:
         g = xp.sum(g, axis=axes, keepdims=True)
     return xp.reshape(g, shape) if lead else g
+
+
+def check_companion(name: str, a: Any, xp: ModuleType, dev: Any, kind: str) -> None:
+    """Check an index-like input (lengths, masks): an array of ``xp`` on ``dev``, of ``kind``.
+
+    ``kind`` is an array-API dtype kind such as ``"bool"`` or ``"integral"``.
+    """
+    if not is_array_api_obj(a) or type(a) in (bool, int, float, complex):
+        raise TypeError(f"{name}: expected an array, got {type(a).__module__}.{type(a).__name__}")
+    if array_namespace(a) is not xp:
+        raise TypeError(
+            f"{name}: expected an array of the same library as xs ({xp.__name__}), "
+            f"got {type(a).__module__}.{type(a).__name__}"
+        )
+    if not xp.isdtype(a.dtype, kind):
+        expected = "a boolean" if kind == "bool" else "an integer"
+        raise TypeError(f"{name}: expected {expected} dtype, got {a.dtype}")
+    got = device(a)
+    if dev is not None and got is not None and got != dev:
+        raise ValueError(
+            f"{name}: expected an array on the same device as xs ({dev}), got one on {got}"
+        )

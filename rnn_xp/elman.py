@@ -3,10 +3,10 @@
 The recurrence, for a batch of N sequences of T steps of D features and a
 hidden state of H features::
 
-    h_t = tanh(h_{t-1} @ Wh + x_t @ Wx + b)
+    h_t = act(h_{t-1} @ Wh + x_t @ Wx + b),    act = tanh (default) or relu
 
 with ``Wx`` of shape (D, H), ``Wh`` of shape (H, H) and ``b`` of any shape that
-broadcasts to (N, H).
+broadcasts to (N, H), or None for no bias.
 
 The pure functions (`rnn_cell_forward`, `rnn_cell_backward`, `rnn_forward`,
 `rnn_backward`) hold no state; `RNN` and `RNNLayer` are the notebook's stateful
@@ -20,8 +20,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import _checks
+from . import _checks, _scan
 from ._backends import zeros
+from ._layer import Layer, cast, cast_back, check_biases, check_states, check_weights
 
 Array = Any
 """Any array of a library that array-api-compat supports."""
@@ -35,31 +36,64 @@ __all__ = [
     "rnn_forward",
 ]
 
-
-# -- validation --------------------------------------------------------------
-
-
-def _check_weights(Wx: Array, Wh: Array) -> tuple[int, int]:
-    if Wx.ndim != 2:
-        raise ValueError(f"Wx: expected shape (D, H), got {tuple(Wx.shape)}")
-    D, H = Wx.shape
-    _checks.check_shape("Wh", Wh, [("H", H), ("H", H)], f"to match Wx of shape {tuple(Wx.shape)}")
-    return D, H
+NONLINEARITIES = ("tanh", "relu")
 
 
-def _cast(xp: ModuleType, dtype: Any, *arrays: Array) -> list[Array]:
-    return [a if a is None or a.dtype == dtype else xp.astype(a, dtype) for a in arrays]
+class ElmanCell:
+    """One Elman step and its backward, for `_scan`. ``saved`` is the step's output h."""
 
+    gates = 1
+    n_states = 1
 
-def _cast_back(xp: ModuleType, pairs: list[tuple[Array, Array]]) -> list[Array]:
-    """Give each gradient the dtype of the array it is the gradient of."""
-    return [g if g.dtype == like.dtype else xp.astype(g, like.dtype) for g, like in pairs]
+    def __init__(self, nonlinearity: str = "tanh") -> None:
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(
+                f"nonlinearity: expected one of {', '.join(map(repr, NONLINEARITIES))}, "
+                f"got {nonlinearity!r}"
+            )
+        self.nonlinearity = nonlinearity
+
+    def activate(self, xp: ModuleType, a: Array) -> Array:
+        if self.nonlinearity == "tanh":
+            return xp.tanh(a)
+        # relu without a scalar-array maximum (not in every namespace): exact,
+        # since (a + |a|) / 2 is a or 0 with no rounding.
+        return (a + xp.abs(a)) / 2
+
+    def derivative(self, xp: ModuleType, h: Array) -> Array:
+        """act'(a), written in terms of the output h = act(a)."""
+        if self.nonlinearity == "tanh":
+            return 1 - h * h
+        return xp.astype(h > 0, h.dtype)
+
+    def step(self, xp, ax, state, Wh, bh):
+        a = state[0] @ Wh + ax
+        h = self.activate(xp, a if bh is None else a + bh)
+        return (h,), h
+
+    def step_backward(self, xp, dstate, h, Wh):
+        da = dstate[0] * self.derivative(xp, h)
+        return (da @ Wh.T,), da, da
 
 
 # -- the cell ---------------------------------------------------------------
 
 
-def rnn_cell_forward(x: Array, h_prev: Array, Wx: Array, Wh: Array, b: Array) -> Array:
+def _check_cell(
+    x: Array, h_prev: Array, Wx: Array, Wh: Array, b: Array | None, **more: Array
+) -> tuple[ModuleType, Any]:
+    xp, dtype, _ = _checks.common(x=x, h_prev=h_prev, Wx=Wx, Wh=Wh, b=b, **more)
+    D, H = check_weights(Wx, Wh, 1)
+    _checks.check_shape("x", x, [("N", None), ("D", D)], f"to match Wx of shape {(D, H)}")
+    N = x.shape[0]
+    check_states(N, H, f"to match x {tuple(x.shape)} and Wh {(H, H)}", h_prev=h_prev, **more)
+    check_biases(N, H, b=b)
+    return xp, dtype
+
+
+def rnn_cell_forward(
+    x: Array, h_prev: Array, Wx: Array, Wh: Array, b: Array | None, *, nonlinearity: str = "tanh"
+) -> Array:
     """One step of the Elman recurrence.
 
     Parameters
@@ -70,37 +104,41 @@ def rnn_cell_forward(x: Array, h_prev: Array, Wx: Array, Wh: Array, b: Array) ->
         Hidden state from the previous step.
     Wx : array, shape (D, H)
     Wh : array, shape (H, H)
-    b : array, broadcastable to (N, H)
+    b : array, broadcastable to (N, H), or None
+    nonlinearity : {'tanh', 'relu'}
 
     Returns
     -------
     h_next : array, shape (N, H)
-        ``tanh(h_prev @ Wh + x @ Wx + b)``, in the result type of the inputs.
-        On NumPy float64 this is bit for bit
+        ``act(h_prev @ Wh + x @ Wx + b)``, in the result type of the inputs.
+        On NumPy float64 with tanh this is bit for bit
         ``np.tanh(np.dot(h_prev, Wh) + np.dot(x, Wx) + b)``.
     """
-    xp, dtype, _ = _checks.common(x=x, h_prev=h_prev, Wx=Wx, Wh=Wh, b=b)
-    D, H = _check_weights(Wx, Wh)
-    _checks.check_shape("x", x, [("N", None), ("D", D)], f"to match Wx of shape {(D, H)}")
-    N = x.shape[0]
-    _checks.check_shape(
-        "h_prev", h_prev, [("N", N), ("H", H)], f"to match x {tuple(x.shape)} and Wh {(H, H)}"
-    )
-    _checks.check_bias("b", b, N, H)
-    x, h_prev, Wx, Wh, b = _cast(xp, dtype, x, h_prev, Wx, Wh, b)
-    return xp.tanh(h_prev @ Wh + x @ Wx + b)
+    cell = ElmanCell(nonlinearity)
+    xp, dtype = _check_cell(x, h_prev, Wx, Wh, b)
+    x, h_prev, Wx, Wh, b = cast(xp, dtype, x, h_prev, Wx, Wh, b)
+    a = h_prev @ Wh + x @ Wx
+    return cell.activate(xp, a if b is None else a + b)
 
 
 def rnn_cell_backward(
-    dh_next: Array, x: Array, h_prev: Array, h_next: Array, Wx: Array, Wh: Array, b: Array
-) -> tuple[Array, Array, Array, Array, Array]:
+    dh_next: Array,
+    x: Array,
+    h_prev: Array,
+    h_next: Array,
+    Wx: Array,
+    Wh: Array,
+    b: Array | None,
+    *,
+    nonlinearity: str = "tanh",
+) -> tuple[Array, Array, Array, Array, Array | None]:
     """Gradients of one step, given the gradient with respect to its output.
 
     Parameters
     ----------
     dh_next : array, shape (N, H)
         Gradient of the loss with respect to ``h_next``.
-    x, h_prev, Wx, Wh, b :
+    x, h_prev, Wx, Wh, b, nonlinearity :
         The inputs of `rnn_cell_forward`.
     h_next : array, shape (N, H)
         Its output.
@@ -111,38 +149,23 @@ def rnn_cell_backward(
     dh_prev : array, shape (N, H)
     dWx : array, shape (D, H)
     dWh : array, shape (H, H)
-    db : array, the shape of ``b``
+    db : array, the shape of ``b``, or None when ``b`` is None
         Each gradient has the dtype of the array it is the gradient of.
 
     Notes
     -----
-    With ``dt = dh_next * (1 - h_next**2)``: ``dx = dt @ Wx.T``,
-    ``dh_prev = dt @ Wh.T``, ``dWx = x.T @ dt``, ``dWh = h_prev.T @ dt`` and
-    ``db`` is ``dt`` summed over the axes along which ``b`` was broadcast.
+    With ``dt = dh_next * act'``, where ``act' = 1 - h_next**2`` for tanh and
+    ``h_next > 0`` for relu: ``dx = dt @ Wx.T``, ``dh_prev = dt @ Wh.T``,
+    ``dWx = x.T @ dt``, ``dWh = h_prev.T @ dt``, and ``db`` is ``dt`` summed
+    over the axes along which ``b`` was broadcast.
     """
-    xp, dtype, _ = _checks.common(
-        dh_next=dh_next, x=x, h_prev=h_prev, h_next=h_next, Wx=Wx, Wh=Wh, b=b
-    )
-    D, H = _check_weights(Wx, Wh)
-    _checks.check_shape("x", x, [("N", None), ("D", D)], f"to match Wx of shape {(D, H)}")
-    N = x.shape[0]
-    for name, a in (("h_prev", h_prev), ("h_next", h_next), ("dh_next", dh_next)):
-        _checks.check_shape(
-            name, a, [("N", N), ("H", H)], f"to match x {tuple(x.shape)} and Wh {(H, H)}"
-        )
-    _checks.check_bias("b", b, N, H)
-    c = _cast(xp, dtype, dh_next, x, h_prev, h_next, Wx, Wh)
-    dh_next_, x_, h_prev_, h_next_, Wx_, Wh_ = c
-
-    dt = dh_next_ * (1 - h_next_ * h_next_)
-    grads = [
-        (dt @ Wx_.T, x),
-        (dt @ Wh_.T, h_prev),
-        (x_.T @ dt, Wx),
-        (h_prev_.T @ dt, Wh),
-        (_checks.sum_to_shape(xp, dt, tuple(b.shape)), b),
-    ]
-    dx, dh_prev, dWx, dWh, db = _cast_back(xp, grads)
+    cell = ElmanCell(nonlinearity)
+    xp, dtype = _check_cell(x, h_prev, Wx, Wh, b, h_next=h_next, dh_next=dh_next)
+    dh_next_, x_, h_prev_, h_next_, Wx_, Wh_ = cast(xp, dtype, dh_next, x, h_prev, h_next, Wx, Wh)
+    (dh_prev,), dt, _ = cell.step_backward(xp, (dh_next_,), h_next_, Wh_)
+    db = None if b is None else _checks.sum_to_shape(xp, dt, tuple(b.shape))
+    grads = [dt @ Wx_.T, dh_prev, x_.T @ dt, h_prev_.T @ dt, db]
+    dx, dh_prev, dWx, dWh, db = cast_back(xp, grads, [x, h_prev, Wx, Wh, b])
     return dx, dh_prev, dWx, dWh, db
 
 
@@ -150,30 +173,29 @@ def rnn_cell_backward(
 
 
 def _check_sequence(
-    xs: Array, Wx: Array, Wh: Array, b: Array, h0: Array | None
-) -> tuple[int, int, int, int]:
-    D, H = _check_weights(Wx, Wh)
+    xs: Array, Wx: Array, Wh: Array, b: Array | None, h0: Array | None, **more: Array | None
+) -> tuple[ModuleType, Any, Any, int, int, int]:
+    xp, dtype, dev = _checks.common(xs=xs, Wx=Wx, Wh=Wh, b=b, h0=h0, **more)
+    D, H = check_weights(Wx, Wh, 1)
     _checks.check_shape(
         "xs", xs, [("N", None), ("T", None), ("D", D)], f"to match Wx of shape {(D, H)}"
     )
     N, T = xs.shape[0], xs.shape[1]
     if T < 1:
         raise ValueError(f"xs: expected at least one time step, got shape {tuple(xs.shape)}")
-    if h0 is not None:
-        _checks.check_shape(
-            "h0", h0, [("N", N), ("H", H)], f"to match xs {tuple(xs.shape)} and Wh {(H, H)}"
-        )
-    _checks.check_bias("b", b, N, H)
-    return N, T, D, H
-
-
-def _bias_over_time(xp: ModuleType, b: Array) -> Array:
-    # b broadcasts to (N, H); over (N, T, H) a 2-D bias needs its time axis.
-    return xp.expand_dims(b, axis=-2) if b.ndim == 2 else b
+    check_states(N, H, f"to match xs {tuple(xs.shape)} and Wh {(H, H)}", h0=h0)
+    check_biases(N, H, b=b)
+    return xp, dtype, dev, N, T, H
 
 
 def rnn_forward(
-    xs: Array, Wx: Array, Wh: Array, b: Array, h0: Array | None = None
+    xs: Array,
+    Wx: Array,
+    Wh: Array,
+    b: Array | None,
+    h0: Array | None = None,
+    *,
+    nonlinearity: str = "tanh",
 ) -> tuple[Array, Array]:
     """Run the Elman recurrence over whole sequences.
 
@@ -183,9 +205,10 @@ def rnn_forward(
         N sequences of T steps of D features, T >= 1.
     Wx : array, shape (D, H)
     Wh : array, shape (H, H)
-    b : array, broadcastable to (N, H)
+    b : array, broadcastable to (N, H), or None
     h0 : array, shape (N, H), optional
         Initial hidden state; zeros when omitted.
+    nonlinearity : {'tanh', 'relu'}
 
     Returns
     -------
@@ -197,22 +220,15 @@ def rnn_forward(
     Notes
     -----
     The input projection ``xs @ Wx + b`` of all N*T rows is one matrix product
-    before the loop; only ``h @ Wh`` and the ``tanh`` stay inside it. The steps
-    are collected and stacked, never written into a buffer.
+    before the loop; only ``h @ Wh`` and the activation stay inside it. The
+    steps are collected and stacked, never written into a buffer.
     """
-    xp, dtype, dev = _checks.common(xs=xs, Wx=Wx, Wh=Wh, b=b, h0=h0)
-    N, T, D, H = _check_sequence(xs, Wx, Wh, b, h0)
-    xs, Wx, Wh, b, h0 = _cast(xp, dtype, xs, Wx, Wh, b, h0)
-    if h0 is None:
-        h0 = zeros(xp, (N, H), dtype, dev)
-
-    xw = xp.reshape(xp.reshape(xs, (N * T, D)) @ Wx, (N, T, H)) + _bias_over_time(xp, b)
-    h = h0
-    hs = []
-    for t in range(T):
-        h = xp.tanh(h @ Wh + xw[:, t, :])
-        hs.append(h)
-    return xp.stack(hs, axis=1), h
+    cell = ElmanCell(nonlinearity)
+    xp, dtype, dev, N, _, H = _check_sequence(xs, Wx, Wh, b, h0)
+    xs, Wx, Wh, b, h0 = cast(xp, dtype, xs, Wx, Wh, b, h0)
+    h0 = zeros(xp, (N, H), dtype, dev) if h0 is None else h0
+    hs, (h_n,), _ = _scan.forward(xp, cell, xs, Wx, Wh, b, None, (h0,))
+    return hs, h_n
 
 
 def rnn_backward(
@@ -221,17 +237,19 @@ def rnn_backward(
     hs: Array,
     Wx: Array,
     Wh: Array,
-    b: Array,
+    b: Array | None,
     h0: Array | None = None,
     dh_n: Array | None = None,
-) -> tuple[Array, Array, Array, Array, Array]:
+    *,
+    nonlinearity: str = "tanh",
+) -> tuple[Array, Array, Array, Array, Array | None]:
     """Backpropagation through time for `rnn_forward`.
 
     Parameters
     ----------
     dhs : array, shape (N, T, H)
         Gradient of the loss with respect to ``hs``.
-    xs, Wx, Wh, b, h0 :
+    xs, Wx, Wh, b, h0, nonlinearity :
         The inputs of `rnn_forward` (``h0=None`` meaning zeros, as there).
     hs : array, shape (N, T, H)
         Its output.
@@ -246,51 +264,38 @@ def rnn_backward(
         Gradient with respect to the initial state.
     dWx : array, shape (D, H)
     dWh : array, shape (H, H)
-    db : array, the shape of ``b``
+    db : array, the shape of ``b``, or None when ``b`` is None
         Each gradient has the dtype of the array it is the gradient of
         (``dh0`` the computation dtype when ``h0`` was omitted).
 
     Notes
     -----
-    Only ``dt_t = (dhs_t + dh_{t+1}) * (1 - h_t**2)`` and ``dh_t = dt_t @ Wh.T``
+    Only ``dt_t = (dhs_t + dh_t) * act'_t`` and ``dh_{t-1} = dt_t @ Wh.T``
     stay in the loop. After it, ``dxs``, ``dWx``, ``dWh`` and ``db`` are each
     one matrix product or sum over all N*T rows.
     """
-    xp, dtype, dev = _checks.common(dhs=dhs, xs=xs, hs=hs, Wx=Wx, Wh=Wh, b=b, h0=h0, dh_n=dh_n)
-    N, T, D, H = _check_sequence(xs, Wx, Wh, b, h0)
+    cell = ElmanCell(nonlinearity)
+    xp, dtype, dev, N, T, H = _check_sequence(xs, Wx, Wh, b, h0, dhs=dhs, hs=hs, dh_n=dh_n)
     why = f"to match xs {tuple(xs.shape)} and Wh {(H, H)}"
     _checks.check_shape("hs", hs, [("N", N), ("T", T), ("H", H)], why)
     _checks.check_shape("dhs", dhs, [("N", N), ("T", T), ("H", H)], why)
-    if dh_n is not None:
-        _checks.check_shape("dh_n", dh_n, [("N", N), ("H", H)], why)
-    dhs_, xs_, hs_, Wx_, Wh_, h0_, dh = _cast(xp, dtype, dhs, xs, hs, Wx, Wh, h0, dh_n)
-    if h0_ is None:
-        h0_ = zeros(xp, (N, H), dtype, dev)
+    check_states(N, H, why, dh_n=dh_n)
+    dhs_, xs_, hs_, Wx_, Wh_, b_, h0_, dh_n_ = cast(xp, dtype, dhs, xs, hs, Wx, Wh, b, h0, dh_n)
+    h0_ = zeros(xp, (N, H), dtype, dev) if h0_ is None else h0_
 
-    WhT = Wh_.T
-    dts = []
-    for t in reversed(range(T)):
-        dh = dhs_[:, t, :] if dh is None else dhs_[:, t, :] + dh
-        h = hs_[:, t, :]
-        dt = dh * (1 - h * h)
-        dts.append(dt)
-        dh = dt @ WhT
-    dts = xp.stack(dts[::-1], axis=1)
-    dt_all = xp.reshape(dts, (N * T, H))
-
-    h_prev = xp.concat([xp.expand_dims(h0_, axis=1), hs_[:, :-1, :]], axis=1)
-    grads = [
-        (xp.reshape(dt_all @ Wx_.T, (N, T, D)), xs),
-        (dh, h0 if h0 is not None else dh),
-        (xp.reshape(xs_, (N * T, D)).T @ dt_all, Wx),
-        (xp.reshape(h_prev, (N * T, H)).T @ dt_all, Wh),
-        (_checks.sum_to_shape(xp, xp.sum(dts, axis=1), tuple(b.shape)), b),
-    ]
-    dxs, dh0, dWx, dWh, db = _cast_back(xp, grads)
+    # The Elman step saves only its output, so hs rebuilds the forward's tape.
+    outs = [hs_[:, t, :] for t in range(T)]
+    tape = _scan.Tape(xs_, Wx_, Wh_, b_, None, outs, [h0_, *outs[:-1]], None, False)
+    dxs, (dh0,), dWx, dWh, db, _ = _scan.backward(xp, cell, tape, dhs_, (dh_n_,))
+    dxs, dh0, dWx, dWh, db = cast_back(xp, [dxs, dh0, dWx, dWh, db], [xs, h0, Wx, Wh, b])
     return dxs, dh0, dWx, dWh, db
 
 
 # -- the notebook's classes -------------------------------------------------
+
+
+def _params(*arrays: Array | None) -> list[Array]:
+    return [a for a in arrays if a is not None]
 
 
 class RNN:
@@ -300,26 +305,34 @@ class RNN:
     ----------
     Wx : array, shape (D, H)
     Wh : array, shape (H, H)
-    b : array, broadcastable to (N, H)
+    b : array, broadcastable to (N, H), or None for no bias
+    nonlinearity : {'tanh', 'relu'}, default 'tanh'
 
     Attributes
     ----------
     params : list
-        ``[Wx, Wh, b]``, the very objects passed in.
+        ``[Wx, Wh, b]``, the very objects passed in (``[Wx, Wh]`` without bias).
     grads : list or None
-        ``[dWx, dWh, db]`` after `backward`, each the shape of its parameter.
+        ``[dWx, dWh, db]`` (``[dWx, dWh]``) after `backward`, each the shape of
+        its parameter.
     cache : tuple or None
         ``(x, h_prev, h_next)`` of the last `forward`.
     """
 
-    def __init__(self, Wx: Array, Wh: Array, b: Array) -> None:
-        self.params = [Wx, Wh, b]
+    def __init__(self, Wx: Array, Wh: Array, b: Array | None, nonlinearity: str = "tanh") -> None:
+        ElmanCell(nonlinearity)  # validates the name now rather than at the first call
+        self.params = _params(Wx, Wh, b)
+        self.nonlinearity = nonlinearity
         self.grads: list[Array] | None = None
         self.cache: tuple[Array, Array, Array] | None = None
 
+    def _weights(self) -> tuple[Array, Array, Array | None]:
+        Wx, Wh, *b = self.params
+        return Wx, Wh, (b[0] if b else None)
+
     def forward(self, x: Array, h_prev: Array) -> Array:
-        """``tanh(h_prev @ Wh + x @ Wx + b)``; x (N, D), h_prev (N, H) -> (N, H)."""
-        h_next = rnn_cell_forward(x, h_prev, *self.params)
+        """``act(h_prev @ Wh + x @ Wx + b)``; x (N, D), h_prev (N, H) -> (N, H)."""
+        h_next = rnn_cell_forward(x, h_prev, *self._weights(), nonlinearity=self.nonlinearity)
         self.cache = (x, h_prev, h_next)
         return h_next
 
@@ -327,32 +340,35 @@ class RNN:
         """Return ``(dx, dh_prev)`` and set ``grads``; dh_next has shape (N, H)."""
         if self.cache is None:
             raise RuntimeError("RNN.backward: call forward first")
-        dx, dh_prev, *grads = rnn_cell_backward(dh_next, *self.cache, *self.params)
-        self.grads = grads
+        dx, dh_prev, dWx, dWh, db = rnn_cell_backward(
+            dh_next, *self.cache, *self._weights(), nonlinearity=self.nonlinearity
+        )
+        self.grads = _params(dWx, dWh, db)
         return dx, dh_prev
 
 
-class RNNLayer:
+class RNNLayer(Layer):
     """The notebook's time loop: a stateful wrapper over `rnn_forward` and `rnn_backward`.
 
     Parameters
     ----------
     Wx : array, shape (D, H)
     Wh : array, shape (H, H)
-    b : array, broadcastable to (N, H)
+    b : array, broadcastable to (N, H), or None for no bias
     stateful : bool, default False
         If True, the last hidden state of one `forward` is the initial state of
         the next (truncated BPTT), until `reset_state`. If False, every call
         starts from zeros.
+    nonlinearity : {'tanh', 'relu'}, default 'tanh'
 
     Attributes
     ----------
     params : list
-        ``[Wx, Wh, b]``, the very objects passed in.
+        ``[Wx, Wh, b]``, the very objects passed in (``[Wx, Wh]`` without bias).
     h : array, shape (N, H), or None
         Hidden state after the last step of the last `forward`.
     grads : list or None
-        ``[dWx, dWh, db]`` after `backward`.
+        ``[dWx, dWh, db]`` (``[dWx, dWh]``) after `backward`.
     dh : array, shape (N, H), or None
         After `backward`, the gradient with respect to the initial state.
 
@@ -363,42 +379,31 @@ class RNNLayer:
     and inputs give float64 states.
     """
 
-    def __init__(self, Wx: Array, Wh: Array, b: Array, stateful: bool = False) -> None:
-        self.params = [Wx, Wh, b]
-        self.stateful = stateful
-        self.h: Array | None = None
-        self.dh: Array | None = None
-        self.grads: list[Array] | None = None
-        self.cache: tuple[Array, Array | None, Array] | None = None
+    def __init__(
+        self,
+        Wx: Array,
+        Wh: Array,
+        b: Array | None,
+        stateful: bool = False,
+        nonlinearity: str = "tanh",
+    ) -> None:
+        ElmanCell(nonlinearity)
+        super().__init__(_params(Wx, Wh, b), stateful)
+        self.nonlinearity = nonlinearity
 
     def set_state(self, h: Array) -> None:
         """Set the hidden state, shape (N, H), that a stateful layer starts from."""
         self.h = h
 
-    def reset_state(self) -> None:
-        """Forget the hidden state: the next `forward` starts from zeros."""
-        self.h = None
+    _weights = RNN._weights
 
-    def forward(self, xs: Array) -> Array:
-        """Run the layer over ``xs`` of shape (N, T, D); return ``hs`` of shape (N, T, H)."""
-        h0 = self.h if self.stateful else None
-        shape = getattr(xs, "shape", None)
-        if h0 is not None and shape is not None and len(shape) == 3 and shape[0] != h0.shape[0]:
-            raise ValueError(
-                f"xs: this stateful layer holds a state for batch size N={h0.shape[0]}, "
-                f"got xs of shape {tuple(shape)}; call reset_state() to start a new batch"
-            )
-        hs, h = rnn_forward(xs, *self.params, h0=h0)
-        self.cache = (xs, h0, hs)
-        self.h = h
-        return hs
+    def _forward(self, xs, h0):
+        hs, h_n = rnn_forward(xs, *self._weights(), h0=h0, nonlinearity=self.nonlinearity)
+        return hs, (h_n,), (xs, h0, hs)
 
-    def backward(self, dhs: Array) -> Array:
-        """Backpropagate ``dhs`` of shape (N, T, H); return ``dxs`` of shape (N, T, D)."""
-        if self.cache is None:
-            raise RuntimeError("RNNLayer.backward: call forward first")
-        xs, h0, hs = self.cache
-        dxs, dh0, *grads = rnn_backward(dhs, xs, hs, *self.params, h0=h0)
-        self.grads = grads
-        self.dh = dh0
-        return dxs
+    def _backward(self, dhs, cache):
+        xs, h0, hs = cache
+        dxs, dh0, dWx, dWh, db = rnn_backward(
+            dhs, xs, hs, *self._weights(), h0=h0, nonlinearity=self.nonlinearity
+        )
+        return dxs, (dh0,), _params(dWx, dWh, db)

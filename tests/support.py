@@ -110,3 +110,44 @@ def make_problem(N=3, T=5, D=4, H=6, bias="H", dtype="float64", seed=0) -> Probl
         dh_n=draw(N, H),
         dtype=dtype,
     )
+
+
+# -- LSTM and GRU references (forward only; backward is checked by finite
+#    differences, autodiff and torch.nn against rnn_xp on NumPy float64) ----------
+
+
+def _sigmoid(a):
+    return 1 / (1 + np.exp(-a))
+
+
+def ref_lstm_forward(xs, Wx, Wh, b, h0, c0):
+    H = Wh.shape[0]
+    h, c, hs = h0, c0, []
+    for t in range(xs.shape[1]):
+        A = h @ Wh + xs[:, t, :] @ Wx + (0 if b is None else b)
+        i, f, o = _sigmoid(A[:, :H]), _sigmoid(A[:, H : 2 * H]), _sigmoid(A[:, 3 * H :])
+        c = f * c + i * np.tanh(A[:, 2 * H : 3 * H])
+        h = o * np.tanh(c)
+        hs.append(h)
+    return np.stack(hs, axis=1), c
+
+
+def ref_gru_forward(xs, Wx, Wh, bx, bh, h0):
+    H = Wh.shape[0]
+    h, hs = h0, []
+    for t in range(xs.shape[1]):
+        ax = xs[:, t, :] @ Wx + (0 if bx is None else bx)
+        ah = h @ Wh + (0 if bh is None else bh)
+        r = _sigmoid(ax[:, :H] + ah[:, :H])
+        z = _sigmoid(ax[:, H : 2 * H] + ah[:, H : 2 * H])
+        n = np.tanh(ax[:, 2 * H :] + r * ah[:, 2 * H :])
+        h = (1 - z) * n + z * h
+        hs.append(h)
+    return np.stack(hs, axis=1)
+
+
+def to_dtype(arrays: dict, dtype: str) -> dict:
+    """Round float64 arrays to ``dtype`` and back, so a reference sees the same inputs."""
+    return {
+        k: None if v is None else v.astype(dtype).astype(np.float64) for k, v in arrays.items()
+    }

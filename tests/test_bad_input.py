@@ -120,7 +120,7 @@ def test_stateful_layer_fed_another_batch_size_raises_and_keeps_state(backend):
 
     with pytest.raises(
         ValueError,
-        match=r"xs: this stateful layer holds a state for batch size N=3, got xs of shape \(4, 5, 4\)",
+        match=r"xs: this stateful layer holds a state h for batch size N=3, got xs of shape \(4, 5, 4\)",
     ):
         layer.forward(other)
 
@@ -165,3 +165,110 @@ def test_cell_checks_its_inputs(backend):
     with pytest.raises(ValueError, match=r"dh_next: expected shape \(N=3, H=6\).*got \(3, 5\)"):
         cell.backward(a["h0"][:, :5])
     assert cell.grads is None
+
+
+# -- the sequence model (issue: LSTM/GRU, masks, torch interop) -------------------------
+
+
+@pytest.fixture
+def model(backend):
+    like = backend.asarray(np.zeros(1))
+    return rnn_xp.Recurrent(
+        "lstm", D, H, num_layers=2, batch_first=True, seed=0, like=like, dtype="float64"
+    )
+
+
+def test_unknown_mode_raises_value_error():
+    with pytest.raises(
+        ValueError,
+        match=r"mode: expected one of 'rnn_tanh', 'rnn_relu', 'lstm', 'gru', got 'transformer'",
+    ):
+        rnn_xp.Recurrent("transformer", D, H)
+    with pytest.raises(
+        ValueError, match=r"nonlinearity: expected one of 'tanh', 'relu', got 'sigmoid'"
+    ):
+        rnn_xp.RNNLayer(np.zeros((D, H)), np.zeros((H, H)), None, nonlinearity="sigmoid")
+    with pytest.raises(ValueError, match=r"hidden_size: expected a positive integer, got 0"):
+        rnn_xp.Recurrent("gru", D, 0)
+    with pytest.raises(ValueError, match=r"dropout: expected a probability in \[0, 1\), got 1.0"):
+        rnn_xp.Recurrent("gru", D, H, dropout=1.0)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([5, 0, 2], r"lengths: expected every length in \[1, T=5\], got values from 0 to 5"),
+        ([6, 1, 2], r"lengths: expected every length in \[1, T=5\], got values from 1 to 6"),
+    ],
+)
+def test_lengths_out_of_range_raise_value_error(backend, model, values, message):
+    xs = backend.asarray(np.zeros((N, T, D)))
+    with pytest.raises(ValueError, match=message):
+        model.forward(xs, lengths=backend.asarray(np.array(values)))
+
+
+def test_lengths_of_wrong_type_or_shape_raise(backend, model):
+    xs = backend.asarray(np.zeros((N, T, D)))
+    with pytest.raises(TypeError, match=r"lengths: expected an integer dtype, got .*float64"):
+        model.forward(xs, lengths=backend.asarray(np.array([5.0, 1.0, 2.0])))
+    with pytest.raises(ValueError, match=r"lengths: expected shape \(N=3,\), got \(2,\)"):
+        model.forward(xs, lengths=backend.asarray(np.array([5, 1])))
+    with pytest.raises(TypeError, match=r"lengths: expected an array, got builtins.list"):
+        model.forward(xs, lengths=[5, 1, 2])
+
+
+def test_mask_of_wrong_shape_or_type_raises(backend, model):
+    xs = backend.asarray(np.zeros((N, T, D)))
+    with pytest.raises(ValueError, match=r"mask: expected shape \(N=3, T=5\), got \(3, 4\)"):
+        model.forward(xs, mask=backend.asarray(np.ones((N, T - 1), dtype=bool)))
+    with pytest.raises(TypeError, match=r"mask: expected a boolean dtype, got .*int"):
+        model.forward(xs, mask=backend.asarray(np.ones((N, T), dtype=np.int32)))
+    with pytest.raises(ValueError, match=r"lengths, mask: expected one of them, got both"):
+        model.forward(
+            xs,
+            lengths=backend.asarray(np.array([1, 2, 3])),
+            mask=backend.asarray(np.ones((N, T), dtype=bool)),
+        )
+
+
+def test_model_state_and_shape_errors(backend, model):
+    xs = backend.asarray(np.zeros((N, T, D)))
+    with pytest.raises(
+        ValueError, match=r"xs: expected shape \(N, T, D=4\) with batch_first, got \(3, 5, 7\)"
+    ):
+        model.forward(backend.asarray(np.zeros((N, T, D + 3))))
+    with pytest.raises(TypeError, match=r"h0: expected a pair \(h, c\) for mode 'lstm', got"):
+        model.forward(xs, backend.asarray(np.zeros((2, N, H))))
+    h0 = backend.asarray(np.zeros((1, N, H)))
+    with pytest.raises(
+        ValueError,
+        match=r"h0: expected shape \(num_layers\*num_directions=2, N=3, H=6\), got \(1, 3, 6\)",
+    ):
+        model.forward(xs, (h0, h0))
+    with pytest.raises(RuntimeError, match="call forward first"):
+        model.backward(backend.asarray(np.zeros((N, T, H))))
+    model.forward(xs)
+    cache, params = model._cache, model.state_dict()
+    with pytest.raises(
+        ValueError,
+        match=r"dout: expected shape \(N=3, T=5, F=6\) to match the forward's output, got \(3, 5, 7\)",
+    ):
+        model.backward(backend.asarray(np.zeros((N, T, H + 1))))
+    assert model._cache is cache
+    assert model.grads is None
+    assert all(model.state_dict()[k] is v for k, v in params.items())
+
+
+def test_from_torch_rejects_what_it_cannot_map():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(
+        TypeError,
+        match=r"module: expected a torch.nn.RNN, torch.nn.LSTM or torch.nn.GRU, got torch.nn.modules.linear.Linear",
+    ):
+        rnn_xp.from_torch(torch.nn.Linear(2, 3))
+    with pytest.raises(TypeError, match=r"module: expected .* got torch.nn.modules.rnn.LSTMCell"):
+        rnn_xp.from_torch(torch.nn.LSTMCell(2, 3))
+    with pytest.raises(ValueError, match=r"module: an LSTM with proj_size=2 cannot be mapped"):
+        rnn_xp.from_torch(torch.nn.LSTM(4, 3, proj_size=2))
+    with pytest.raises(TypeError, match=r"dtype: expected a real floating dtype, got 'bfloat16'"):
+        rnn_xp.from_torch(torch.nn.GRU(4, 3, dtype=torch.bfloat16))

@@ -1,0 +1,234 @@
+"""What the Elman, LSTM and GRU modules share: validation, dtype rules, the
+stateful bookkeeping of the layer classes, and the sequence functions' core."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from . import _checks, _scan
+from ._backends import zeros
+
+Array = Any
+
+
+def check_weights(Wx: Array, Wh: Array, gates: int) -> tuple[int, int]:
+    """``Wx`` (D, gates*H) and ``Wh`` (H, gates*H); return ``(D, H)``."""
+    layout = "(D, H)" if gates == 1 else f"(D, {gates}*H)"
+    if Wx.ndim != 2 or Wx.shape[1] % gates:
+        raise ValueError(f"Wx: expected shape {layout}, got {tuple(Wx.shape)}")
+    D, H = Wx.shape[0], Wx.shape[1] // gates
+    label = "H" if gates == 1 else f"{gates}*H"
+    _checks.check_shape(
+        "Wh", Wh, [("H", H), (label, gates * H)], f"to match Wx of shape {tuple(Wx.shape)}"
+    )
+    return D, H
+
+
+def check_states(N: int, H: int, why: str, **states: Array | None) -> None:
+    for name, a in states.items():
+        if a is not None:
+            _checks.check_shape(name, a, [("N", N), ("H", H)], why)
+
+
+def check_biases(N: int, G: int, **biases: Array | None) -> None:
+    for name, b in biases.items():
+        if b is not None:
+            _checks.check_bias(name, b, N, G)
+
+
+def cast(xp: ModuleType, dtype: Any, *arrays: Array | None) -> list[Array | None]:
+    """Bring the inputs to the computation dtype (a no-op for those already in it)."""
+    return [a if a is None or a.dtype == dtype else xp.astype(a, dtype) for a in arrays]
+
+
+def cast_back(xp: ModuleType, grads: Sequence[Array | None], like: Sequence[Array | None]):
+    """Give each gradient the dtype of the array it is the gradient of.
+
+    A gradient whose input was omitted (None) keeps the computation dtype.
+    """
+    return [
+        g if g is None or a is None or g.dtype == a.dtype else xp.astype(g, a.dtype)
+        for g, a in zip(grads, like)
+    ]
+
+
+def sigmoid(xp: ModuleType, a: Array) -> Array:
+    """The logistic function; through tanh, which cannot overflow as exp(-a) can."""
+    return 0.5 * (xp.tanh(0.5 * a) + 1)
+
+
+def _check_step(
+    cell: _scan.Cell,
+    x: Array,
+    Wx: Array,
+    Wh: Array,
+    biases: dict[str, Array | None],
+    states: dict[str, Array | None],
+) -> tuple[ModuleType, list]:
+    xp, dtype, _ = _checks.common(x=x, Wx=Wx, Wh=Wh, **biases, **states)
+    D, H = check_weights(Wx, Wh, cell.gates)
+    _checks.check_shape("x", x, [("N", None), ("D", D)], f"to match Wx of shape {tuple(Wx.shape)}")
+    N = x.shape[0]
+    check_states(N, H, f"to match x {tuple(x.shape)} and Wh {tuple(Wh.shape)}", **states)
+    check_biases(N, cell.gates * H, **biases)
+    return xp, cast(xp, dtype, x, Wx, Wh, *biases.values(), *states.values())
+
+
+def cell_forward(
+    cell: _scan.Cell,
+    x: Array,
+    Wx: Array,
+    Wh: Array,
+    biases: dict[str, Array | None],
+    states: dict[str, Array | None],
+) -> tuple:
+    """One step of ``cell`` from ``states`` (h_prev, and c_prev for LSTM); the new state."""
+    xp, (x, Wx, Wh, bx, bh, *state) = _check_step(cell, x, Wx, Wh, biases, states)
+    ax = x @ Wx
+    new, _ = cell.step(xp, ax if bx is None else ax + bx, tuple(state), Wh, bh)
+    return new
+
+
+def cell_backward(
+    cell: _scan.Cell,
+    dnew: dict[str, Array],
+    x: Array,
+    Wx: Array,
+    Wh: Array,
+    biases: dict[str, Array | None],
+    states: dict[str, Array | None],
+) -> list:
+    """Gradients ``[dx, *dstates_prev, dWx, dWh, dbx, dbh]`` of `cell_forward`.
+
+    The step is recomputed from its inputs (one matrix product), which keeps the
+    cell functions free of any cache.
+    """
+    xp, (x_, Wx_, Wh_, bx, bh, *rest) = _check_step(cell, x, Wx, Wh, biases, {**states, **dnew})
+    state, dstate = tuple(rest[: len(states)]), tuple(rest[len(states) :])
+    ax = x_ @ Wx_
+    _, saved = cell.step(xp, ax if bx is None else ax + bx, state, Wh_, bh)
+    dprev, dax, dah = cell.step_backward(xp, dstate, saved, Wh_)
+    grads = [
+        dax @ Wx_.T,
+        *dprev,
+        x_.T @ dax,
+        state[0].T @ dah,
+        None if bx is None else _checks.sum_to_shape(xp, dax, tuple(bx.shape)),
+        None if bh is None else _checks.sum_to_shape(xp, dah, tuple(bh.shape)),
+    ]
+    return cast_back(xp, grads, [x, *states.values(), Wx, Wh, *biases.values()])
+
+
+class SequenceCache(NamedTuple):
+    """What a sequence function's backward needs from its forward; treat as opaque."""
+
+    tape: _scan.Tape
+    inputs: tuple  # the caller's arrays, for their dtypes and shapes
+
+
+def sequence_forward(
+    cell: _scan.Cell,
+    xs: Array,
+    Wx: Array,
+    Wh: Array,
+    bx: Array | None,
+    bh: Array | None,
+    states: dict[str, Array | None],
+    bias_names: tuple[str, str],
+) -> tuple[Array, tuple, SequenceCache]:
+    """Validate, cast and run ``cell`` over ``xs``; return ``(hs, state_n, cache)``."""
+    named = {"xs": xs, "Wx": Wx, "Wh": Wh, bias_names[0]: bx, bias_names[1]: bh, **states}
+    xp, dtype, dev = _checks.common(**named)
+    D, H = check_weights(Wx, Wh, cell.gates)
+    _checks.check_shape(
+        "xs", xs, [("N", None), ("T", None), ("D", D)], f"to match Wx of shape {tuple(Wx.shape)}"
+    )
+    N, T = xs.shape[0], xs.shape[1]
+    if T < 1:
+        raise ValueError(f"xs: expected at least one time step, got shape {tuple(xs.shape)}")
+    check_states(N, H, f"to match xs {tuple(xs.shape)} and Wh {tuple(Wh.shape)}", **states)
+    check_biases(N, cell.gates * H, **{bias_names[0]: bx, bias_names[1]: bh})
+
+    xs_, Wx_, Wh_, bx_, bh_, *states_ = cast(xp, dtype, xs, Wx, Wh, bx, bh, *states.values())
+    state0 = tuple(zeros(xp, (N, H), dtype, dev) if s is None else s for s in states_)
+    hs, state_n, tape = _scan.forward(xp, cell, xs_, Wx_, Wh_, bx_, bh_, state0)
+    inputs = (xs, *states.values(), Wx, Wh, bx, bh)
+    return hs, state_n, SequenceCache(tape, inputs)
+
+
+def sequence_backward(
+    cell: _scan.Cell,
+    dhs: Array,
+    cache: SequenceCache,
+    dstates: dict[str, Array | None],
+) -> list[Array | None]:
+    """Gradients ``[dxs, *dstate0, dWx, dWh, dbx, dbh]`` of `sequence_forward`."""
+    tape, inputs = cache
+    xp, _, _ = _checks.common(dhs=dhs, **dstates, xs=tape.xs)
+    N, T = tape.xs.shape[0], tape.xs.shape[1]
+    H = tape.Wh.shape[0]
+    why = f"to match the forward's xs {tuple(tape.xs.shape)} and Wh {tuple(tape.Wh.shape)}"
+    _checks.check_shape("dhs", dhs, [("N", N), ("T", T), ("H", H)], why)
+    check_states(N, H, why, **dstates)
+    # The forward's computation dtype is the dtype of its (cast) xs.
+    dhs_, *dstates_ = cast(xp, tape.xs.dtype, dhs, *dstates.values())
+    dxs, dstate0, dWx, dWh, dbx, dbh = _scan.backward(xp, cell, tape, dhs_, tuple(dstates_))
+    return cast_back(xp, [dxs, *dstate0, dWx, dWh, dbx, dbh], inputs)
+
+
+class Layer:
+    """Stateful bookkeeping shared by `RNNLayer`, `LSTMLayer` and `GRULayer`.
+
+    Subclasses set ``_states`` (the state attribute names, ``("h",)`` or
+    ``("h", "c")``) and implement ``_forward(xs, *states0)`` returning
+    ``(hs, states_n, cache)`` and ``_backward(dhs, cache)`` returning
+    ``(dxs, dstates0, grads)``.
+    """
+
+    _states: tuple[str, ...] = ("h",)
+
+    def __init__(self, params: list, stateful: bool) -> None:
+        self.params = params
+        self.stateful = stateful
+        self.grads: list | None = None
+        self.cache: Any = None
+        for name in self._states:
+            setattr(self, name, None)
+            setattr(self, "d" + name, None)
+
+    def reset_state(self) -> None:
+        """Forget the hidden state: the next `forward` starts from zeros."""
+        for name in self._states:
+            setattr(self, name, None)
+
+    def forward(self, xs: Array) -> Array:
+        """Run the layer over ``xs`` of shape (N, T, D); return ``hs`` of shape (N, T, H)."""
+        states0 = [getattr(self, n) if self.stateful else None for n in self._states]
+        shape = getattr(xs, "shape", None)
+        for name, s in zip(self._states, states0):
+            if s is not None and shape is not None and len(shape) == 3 and shape[0] != s.shape[0]:
+                raise ValueError(
+                    f"xs: this stateful layer holds a state {name} for batch size N={s.shape[0]}, "
+                    f"got xs of shape {tuple(shape)}; call reset_state() to start a new batch"
+                )
+        hs, states_n, self.cache = self._forward(xs, *states0)
+        for name, s in zip(self._states, states_n):
+            setattr(self, name, s)
+        return hs
+
+    def backward(self, dhs: Array) -> Array:
+        """Backpropagate ``dhs`` of shape (N, T, H); return ``dxs`` of shape (N, T, D)."""
+        if self.cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward: call forward first")
+        dxs, dstates0, self.grads = self._backward(dhs, self.cache)
+        for name, d in zip(self._states, dstates0):
+            setattr(self, "d" + name, d)
+        return dxs
+
+    def _forward(self, xs: Array, *states0: Array | None) -> tuple[Array, Sequence, Any]:
+        raise NotImplementedError
+
+    def _backward(self, dhs: Array, cache: Any) -> tuple[Array, Sequence, list]:
+        raise NotImplementedError

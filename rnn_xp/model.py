@@ -1,0 +1,489 @@
+"""A torch-like sequence model over any of the three cells: stacked, bidirectional,
+with dropout between layers and variable-length sequences.
+
+`Recurrent` keeps its parameters under torch's names and in torch's layout
+(``weight_ih_l0`` is (gates*H, D), the transpose of the cells' ``Wx``), so
+`from_torch` and `Recurrent.state_dict` map one to one onto ``torch.nn.RNN``,
+``torch.nn.LSTM`` and ``torch.nn.GRU``. The time loop is the one every cell
+shares (`rnn_xp._scan`); nothing here depends on the array library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace, device
+
+from . import _checks, _scan
+from ._backends import arange, asarray, zeros
+from ._layer import cast
+from .elman import ElmanCell
+from .gru import GRUCell
+from .lstm import LSTMCell
+
+Array = Any
+
+__all__ = ["MODES", "Recurrent", "from_torch"]
+
+MODES: dict[str, _scan.Cell] = {
+    "rnn_tanh": ElmanCell("tanh"),
+    "rnn_relu": ElmanCell("relu"),
+    "lstm": LSTMCell(),
+    "gru": GRUCell(),
+}
+"""The cell behind each ``mode``."""
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+class Recurrent:
+    """A stack of recurrent layers, each optionally bidirectional, like ``torch.nn.RNN``.
+
+    Parameters
+    ----------
+    mode : {'rnn_tanh', 'rnn_relu', 'lstm', 'gru'}
+    input_size : int
+        D, the features of each step of the input.
+    hidden_size : int
+        H, the features of the state.
+    num_layers : int, default 1
+    bias : bool, default True
+    batch_first : bool, default False
+        If True, inputs and outputs are (N, T, features); else (T, N, features).
+    bidirectional : bool, default False
+    dropout : float, default 0
+        Probability of zeroing each output of every layer but the last, in
+        training mode. The array API has no random module, so a forward pass
+        that applies dropout takes ``dropout_seed`` or ``dropout_masks``.
+    seed : int or None
+        Seed of the NumPy generator that draws the initial parameters.
+    like : array or None
+        The parameters are created in ``like``'s namespace and on its device;
+        NumPy when None.
+    dtype : str or dtype, default 'float32'
+        Floating dtype of the parameters.
+
+    Notes
+    -----
+    Parameters are drawn as in torch, ``U(-1/sqrt(H), 1/sqrt(H))``, one after
+    the other in torch's order (for each layer and direction: ``weight_ih``,
+    ``weight_hh``, ``bias_ih``, ``bias_hh``), from
+    ``numpy.random.default_rng(seed)`` in float64, then rounded to ``dtype`` and
+    moved to the target. So a seed gives the same parameters on every backend
+    and device (up to that rounding); it does not reproduce torch's own draws.
+
+    For modes 'rnn_tanh', 'rnn_relu' and 'lstm' the two biases only ever act as
+    their sum, so their gradients are equal. For 'gru', ``bias_hh`` sits inside
+    the reset gate's product and the two differ.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        *,
+        seed: int | None = None,
+        like: Array | None = None,
+        dtype: Any = "float32",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        self.mode = mode
+        self.cell = MODES[mode]
+        self.input_size = _positive("input_size", input_size)
+        self.hidden_size = _positive("hidden_size", hidden_size)
+        self.num_layers = _positive("num_layers", num_layers)
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        self.num_directions = 2 if bidirectional else 1
+        self.dropout = float(dropout)
+        self.training = True
+        self.grads: dict[str, Array] | None = None
+        self.dh0: Array | None = None
+        self.dc0: Array | None = None
+        self._cache: dict | None = None
+
+        if like is None:
+            import array_api_compat.numpy as xp
+
+            self._xp, self._device = xp, "cpu"
+        else:
+            self._xp, self._device = array_namespace(like), device(like)
+        self._dtype = getattr(self._xp, dtype, None) if isinstance(dtype, str) else dtype
+        if self._dtype is None or not self._xp.isdtype(self._dtype, "real floating"):
+            raise TypeError(f"dtype: expected a real floating dtype, got {dtype!r}")
+
+        rng = np.random.default_rng(seed)
+        k = 1 / np.sqrt(self.hidden_size)
+        self._params = {
+            name: asarray(self._xp, rng.uniform(-k, k, shape), self._dtype, self._device)
+            for name, shape in self._shapes().items()
+        }
+
+    # -- parameters ----------------------------------------------------------
+
+    def _names(self, layer: int, direction: int) -> tuple[str, str, str, str]:
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        return tuple(
+            f"{kind}{suffix}" for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        )
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """torch's parameter names and shapes, in torch's order."""
+        G, H = self.cell.gates, self.hidden_size
+        shapes = {}
+        for layer in range(self.num_layers):
+            D = self.input_size if layer == 0 else H * self.num_directions
+            for direction in range(self.num_directions):
+                w_ih, w_hh, b_ih, b_hh = self._names(layer, direction)
+                shapes[w_ih], shapes[w_hh] = (G * H, D), (G * H, H)
+                if self.bias:
+                    shapes[b_ih], shapes[b_hh] = (G * H,), (G * H,)
+        return shapes
+
+    def state_dict(self) -> dict[str, Array]:
+        """The parameters by torch's names, as arrays of the model's namespace."""
+        return dict(self._params)
+
+    def load_state_dict(self, state: Mapping[str, Array]) -> None:
+        """Replace the parameters; ``state`` must have exactly this model's keys and shapes.
+
+        The arrays must be of the model's namespace; they are used as given.
+        """
+        shapes = self._shapes()
+        if set(state) != set(shapes):
+            missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+            raise ValueError(f"state: missing keys {missing}, unexpected keys {extra}")
+        for name, shape in shapes.items():
+            _checks.common(**{name: state[name]})
+            if tuple(state[name].shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {tuple(state[name].shape)}")
+        self._params = {name: state[name] for name in shapes}
+
+    def train(self, mode: bool = True) -> Recurrent:
+        """Set training mode (dropout on); return self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> Recurrent:
+        """Set evaluation mode (dropout off); return self."""
+        return self.train(False)
+
+    def _weights(self, xp: ModuleType, dtype: Any, layer: int, direction: int):
+        """``(Wx, Wh, bx, bh)`` of one layer and direction, as the cells take them."""
+        w_ih, w_hh, b_ih, b_hh = cast(
+            xp, dtype, *(self._params.get(n) for n in self._names(layer, direction))
+        )
+        if b_ih is None or isinstance(self.cell, GRUCell):
+            return w_ih.T, w_hh.T, b_ih, b_hh
+        # Elman and LSTM add both biases to the same pre-activation: fold them.
+        return w_ih.T, w_hh.T, b_ih + b_hh, None
+
+    # -- forward ---------------------------------------------------------------
+
+    def _batch_major(self, xp: ModuleType, a: Array) -> Array:
+        return a if self.batch_first else xp.permute_dims(a, (1, 0, 2))
+
+    def forward(
+        self,
+        xs: Array,
+        h0: Array | tuple[Array, Array] | None = None,
+        lengths: Array | None = None,
+        mask: Array | None = None,
+        *,
+        dropout_seed: int | None = None,
+        dropout_masks: list[Array] | None = None,
+    ) -> tuple[Array, Array | tuple[Array, Array]]:
+        """Run the model; return ``(out, h_n)``, or ``(out, (h_n, c_n))`` for LSTM.
+
+        Parameters
+        ----------
+        xs : array, shape (T, N, D), or (N, T, D) if ``batch_first``
+        h0 : array, shape (num_layers * num_directions, N, H), optional
+            Initial states (zeros when omitted); for LSTM a pair ``(h0, c0)``.
+        lengths : integer array, shape (N,), optional
+            Lengths of right-padded sequences, each in [1, T], as with torch's
+            ``pack_padded_sequence``: outputs at padded steps are zero, ``h_n``
+            is each sequence's state at its last valid step, and the reverse
+            direction starts at each sequence's own last step.
+        mask : bool array, shape (N, T), optional
+            Keras' meaning: a step where ``mask`` is False carries the state
+            through unchanged and outputs zeros. Left-padded and gappy masks
+            both work. Give ``lengths`` or ``mask``, not both.
+        dropout_seed : int, optional
+            Seed for the dropout masks between layers (NumPy generator, masks
+            moved to the input's device).
+        dropout_masks : list of bool arrays, optional
+            Instead of a seed, the keep-masks themselves: ``num_layers - 1``
+            arrays shaped like a layer's output, (T, N, num_directions * H) or
+            (N, T, ...) if ``batch_first``. Kept values are scaled by 1/(1-p).
+
+        Returns
+        -------
+        out : array, shape (T, N, num_directions * H), or (N, T, ...) if ``batch_first``
+        h_n : array, shape (num_layers * num_directions, N, H); for LSTM ``(h_n, c_n)``
+        """
+        lstm = isinstance(self.cell, LSTMCell)
+        h0, c0 = self._split_state("h0", h0, lstm)
+        first = self._names(0, 0)[0]
+        xp, dtype, dev = _checks.common(xs=xs, h0=h0, c0=c0, **{first: self._params[first]})
+        H, S = self.hidden_size, self.num_layers * self.num_directions
+        _checks.check_shape(
+            "xs",
+            xs,
+            [("N", None), ("T", None), ("D", self.input_size)]
+            if self.batch_first
+            else [("T", None), ("N", None), ("D", self.input_size)],
+            "with batch_first" if self.batch_first else "without batch_first",
+        )
+        x = self._batch_major(xp, xs)
+        N, T = x.shape[0], x.shape[1]
+        if T < 1:
+            raise ValueError(f"xs: expected at least one time step, got shape {tuple(xs.shape)}")
+        for name, s in (("h0", h0), ("c0", c0)):
+            if s is not None:
+                _checks.check_shape(
+                    name, s, [("num_layers*num_directions", S), ("N", N), ("H", H)], ""
+                )
+        steps = self._step_mask(xp, dev, N, T, lengths, mask)
+        keep = self._dropout_masks(xp, dtype, dev, N, T, dropout_seed, dropout_masks)
+
+        x, h0, c0 = cast(xp, dtype, x, h0, c0)
+        tapes, h_n, c_n = {}, [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(self.num_directions):
+                i = layer * self.num_directions + direction
+                state0 = tuple(
+                    zeros(xp, (N, H), dtype, dev) if s is None else s[i, ...]
+                    for s in ((h0, c0) if lstm else (h0,))
+                )
+                Wx, Wh, bx, bh = self._weights(xp, dtype, layer, direction)
+                out, state_n, tapes[i] = _scan.forward(
+                    xp, self.cell, x, Wx, Wh, bx, bh, state0, steps, reverse=direction == 1
+                )
+                outs.append(out)
+                h_n.append(state_n[0])
+                c_n.extend(state_n[1:])
+            x = outs[0] if len(outs) == 1 else xp.concat(outs, axis=-1)
+            if keep is not None and layer < self.num_layers - 1:
+                x = x * keep[layer]
+
+        self._cache = {"tapes": tapes, "keep": keep, "xs": xs, "N": N, "T": T, "dtype": dtype}
+        out = self._batch_major(xp, x)
+        h_n = xp.stack(h_n, axis=0)
+        return (out, (h_n, xp.stack(c_n, axis=0))) if lstm else (out, h_n)
+
+    def _split_state(self, name: str, state: Any, lstm: bool) -> tuple[Array | None, Array | None]:
+        if state is None:
+            return None, None
+        if lstm:
+            if not (isinstance(state, tuple) and len(state) == 2):
+                raise TypeError(
+                    f"{name}: expected a pair (h, c) for mode 'lstm', got {type(state).__name__}"
+                )
+            return state
+        if isinstance(state, tuple):
+            raise TypeError(f"{name}: expected one array for mode {self.mode!r}, got a tuple")
+        return state, None
+
+    def _step_mask(
+        self, xp: ModuleType, dev: Any, N: int, T: int, lengths: Array | None, mask: Array | None
+    ) -> Array | None:
+        """The (N, T) bool mask of valid steps, or None when every step is valid."""
+        if lengths is not None and mask is not None:
+            raise ValueError("lengths, mask: expected one of them, got both")
+        if mask is not None:
+            _checks.check_companion("mask", mask, xp, dev, "bool")
+            _checks.check_shape("mask", mask, [("N", N), ("T", T)])
+            return mask
+        if lengths is None:
+            return None
+        _checks.check_companion("lengths", lengths, xp, dev, "integral")
+        _checks.check_shape("lengths", lengths, [("N", N)])
+        # One host round trip per call, before the loop, to reject bad lengths.
+        low, high = int(xp.min(lengths)), int(xp.max(lengths))
+        if low < 1 or high > T:
+            raise ValueError(
+                f"lengths: expected every length in [1, T={T}], got values from {low} to {high}"
+            )
+        return xp.expand_dims(arange(xp, T, dev), axis=0) < xp.expand_dims(lengths, axis=1)
+
+    def _dropout_masks(
+        self,
+        xp: ModuleType,
+        dtype: Any,
+        dev: Any,
+        N: int,
+        T: int,
+        seed: int | None,
+        masks: list[Array] | None,
+    ) -> list[Array] | None:
+        """Scaled keep-masks, batch-major, one per layer boundary; None when off."""
+        if not (self.training and self.dropout > 0 and self.num_layers > 1):
+            return None
+        F = self.num_directions * self.hidden_size
+        scale = 1 / (1 - self.dropout)
+        if masks is None:
+            if seed is None:
+                raise ValueError(
+                    f"dropout_seed, dropout_masks: dropout={self.dropout} in training mode needs "
+                    "one of them (or call eval())"
+                )
+            rng = np.random.default_rng(seed)
+            drawn = [rng.random((N, T, F)) >= self.dropout for _ in range(self.num_layers - 1)]
+            return [asarray(xp, scale * m, dtype, dev) for m in drawn]
+        if len(masks) != self.num_layers - 1:
+            raise ValueError(
+                f"dropout_masks: expected {self.num_layers - 1} masks, got {len(masks)}"
+            )
+        shape = (
+            [("N", N), ("T", T), ("F", F)] if self.batch_first else [("T", T), ("N", N), ("F", F)]
+        )
+        scaled = []
+        for m in masks:
+            _checks.check_companion("dropout_masks", m, xp, dev, "bool")
+            _checks.check_shape("dropout_masks", m, shape)
+            scaled.append(xp.astype(self._batch_major(xp, m), dtype) * scale)
+        return scaled
+
+    # -- backward --------------------------------------------------------------
+
+    def backward(self, dout: Array, dh_n: Array | tuple | None = None) -> Array:
+        """Backpropagate through the last `forward`; return ``dxs``.
+
+        Parameters
+        ----------
+        dout : array, the shape of ``out``
+            Gradient with respect to the output.
+        dh_n : array, the shape of ``h_n``, optional
+            Gradient with respect to ``h_n`` (for LSTM a pair ``(dh_n, dc_n)``,
+            either of which may be None); zero when omitted.
+
+        Sets ``grads``, a dict of gradients by torch's parameter names and
+        shapes, ``dh0`` (and ``dc0`` for LSTM), the gradients with respect to
+        the initial states, shape (num_layers * num_directions, N, H).
+        """
+        if self._cache is None:
+            raise RuntimeError("Recurrent.backward: call forward first")
+        c = self._cache
+        lstm = isinstance(self.cell, LSTMCell)
+        dh_n, dc_n = self._split_state("dh_n", dh_n, lstm)
+        xp, _, _ = _checks.common(dout=dout, dh_n=dh_n, dc_n=dc_n, xs=c["xs"])
+        N, T, H, F = c["N"], c["T"], self.hidden_size, self.num_directions * self.hidden_size
+        S = self.num_layers * self.num_directions
+        out_shape = (
+            [("N", N), ("T", T), ("F", F)] if self.batch_first else [("T", T), ("N", N), ("F", F)]
+        )
+        _checks.check_shape("dout", dout, out_shape, "to match the forward's output")
+        for name, s in (("dh_n", dh_n), ("dc_n", dc_n)):
+            if s is not None:
+                _checks.check_shape(
+                    name, s, [("num_layers*num_directions", S), ("N", N), ("H", H)]
+                )
+        dout, dh_n, dc_n = cast(xp, c["dtype"], dout, dh_n, dc_n)
+
+        grads, dh0, dc0 = {}, [None] * S, [None] * S
+        d = self._batch_major(xp, dout)
+        for layer in reversed(range(self.num_layers)):
+            if c["keep"] is not None and layer < self.num_layers - 1:
+                d = d * c["keep"][layer]
+            dx = None
+            for direction in range(self.num_directions):
+                i = layer * self.num_directions + direction
+                dstate_n = tuple(
+                    None if s is None else s[i, ...] for s in ((dh_n, dc_n) if lstm else (dh_n,))
+                )
+                d_dir = d[:, :, direction * H : (direction + 1) * H]
+                dxs, dstate0, dWx, dWh, dbx, dbh = _scan.backward(
+                    xp, self.cell, c["tapes"][i], d_dir, dstate_n
+                )
+                dx = dxs if dx is None else dx + dxs
+                dh0[i] = dstate0[0]
+                if lstm:
+                    dc0[i] = dstate0[1]
+                w_ih, w_hh, b_ih, b_hh = self._names(layer, direction)
+                grads[w_ih], grads[w_hh] = dWx.T, dWh.T
+                if self.bias:
+                    grads[b_ih], grads[b_hh] = dbx, (dbx if dbh is None else dbh)
+            d = dx
+
+        self.grads = {
+            name: g
+            if g.dtype == self._params[name].dtype
+            else xp.astype(g, self._params[name].dtype)
+            for name, g in ((n, grads[n]) for n in self._params)
+        }
+        self.dh0 = xp.stack(dh0, axis=0)
+        self.dc0 = xp.stack(dc0, axis=0) if lstm else None
+        dxs = self._batch_major(xp, d)
+        return dxs if dxs.dtype == c["xs"].dtype else xp.astype(dxs, c["xs"].dtype)
+
+
+def from_torch(module: Any, like: Array | None = None) -> Recurrent:
+    """A `Recurrent` with the parameters of a ``torch.nn.RNN``, ``LSTM`` or ``GRU``.
+
+    Parameters
+    ----------
+    module : torch.nn.RNN, torch.nn.LSTM or torch.nn.GRU
+        Any ``num_layers``, ``bidirectional``, ``nonlinearity``, ``bias``,
+        ``batch_first``, ``dropout``; LSTM projections (``proj_size``) cannot be
+        mapped.
+    like : array or None
+        The parameters go into ``like``'s namespace and onto its device; NumPy
+        when None. The module's dtype is kept.
+
+    Returns
+    -------
+    Recurrent
+        With the module's hyperparameters, parameters and training mode.
+    """
+    kinds = {"RNN": None, "LSTM": "lstm", "GRU": "gru"}
+    name = type(module).__name__
+    if name not in kinds or not hasattr(module, "_flat_weights_names"):
+        raise TypeError(
+            "module: expected a torch.nn.RNN, torch.nn.LSTM or torch.nn.GRU, got "
+            f"{type(module).__module__}.{name}"
+        )
+    if getattr(module, "proj_size", 0):
+        raise ValueError(
+            f"module: an LSTM with proj_size={module.proj_size} cannot be mapped "
+            "(rnn_xp's LSTM has no projection)"
+        )
+    mode = kinds[name] or f"rnn_{module.nonlinearity}"
+    dtype = str(module.weight_ih_l0.dtype).removeprefix("torch.")
+    model = Recurrent(
+        mode,
+        module.input_size,
+        module.hidden_size,
+        module.num_layers,
+        bias=module.bias,
+        batch_first=module.batch_first,
+        bidirectional=module.bidirectional,
+        dropout=module.dropout,
+        like=like,
+        dtype=dtype,
+    )
+    model.load_state_dict(
+        {
+            n: asarray(model._xp, p.detach().cpu().numpy(), model._dtype, model._device)
+            for n, p in module.named_parameters()
+        }
+    )
+    return model.train(module.training)
