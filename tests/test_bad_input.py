@@ -272,3 +272,63 @@ def test_from_torch_rejects_what_it_cannot_map():
         rnn_xp.from_torch(torch.nn.LSTM(4, 3, proj_size=2))
     with pytest.raises(TypeError, match=r"dtype: expected a real floating dtype, got 'bfloat16'"):
         rnn_xp.from_torch(torch.nn.GRU(4, 3, dtype=torch.bfloat16))
+
+
+def lstm_gru_arrays(backend, kind):
+    G = 4 if kind == "lstm" else 3
+    rng = np.random.default_rng(0)
+    return {
+        "xs": backend.asarray(rng.standard_normal((N, T, D))),
+        "Wx": backend.asarray(rng.standard_normal((D, G * H))),
+        "Wh": backend.asarray(rng.standard_normal((H, G * H))),
+        "b": backend.asarray(rng.standard_normal(G * H)),
+    }
+
+
+def run_kind(kind, a):
+    if kind == "lstm":
+        return rnn_xp.lstm_forward(a["xs"], a["Wx"], a["Wh"], a["b"])
+    return rnn_xp.gru_forward(a["xs"], a["Wx"], a["Wh"], a["b"], a["b"])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_lstm_and_gru_check_their_inputs(backend, kind):
+    G = 4 if kind == "lstm" else 3
+    a = lstm_gru_arrays(backend, kind)
+    with pytest.raises(ValueError, match=rf"Wx: expected shape \(D, {G}\*H\), got \(4, 7\)"):
+        run_kind(kind, a | {"Wx": backend.asarray(np.zeros((D, 7)))})
+    with pytest.raises(
+        ValueError,
+        match=rf"Wh: expected shape \(H=6, {G}\*H={G * H}\) to match Wx of shape \(4, {G * H}\), got \(6, 6\)",
+    ):
+        run_kind(kind, a | {"Wh": backend.asarray(np.zeros((H, H)))})
+    with pytest.raises(
+        ValueError,
+        match=rf"b[xh]?: expected a shape that broadcasts to \(N=3, H={G * H}\).*got \(6,\)",
+    ):
+        run_kind(kind, a | {"b": backend.asarray(np.zeros(H))})
+    with pytest.raises(TypeError, match=r"xs: expected a real floating dtype .*got .*int"):
+        run_kind(kind, a | {"xs": backend.asarray(np.zeros((N, T, D), dtype=np.int64))})
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_failed_lstm_or_gru_layer_call_keeps_state(backend, kind):
+    a = lstm_gru_arrays(backend, kind)
+    layer = (
+        rnn_xp.LSTMLayer(a["Wx"], a["Wh"], a["b"], stateful=True)
+        if kind == "lstm"
+        else rnn_xp.GRULayer(a["Wx"], a["Wh"], a["b"], a["b"], stateful=True)
+    )
+    layer.forward(a["xs"])
+    before = (layer.h, getattr(layer, "c", None), layer.cache, list(layer.params))
+    with pytest.raises(
+        ValueError,
+        match=r"xs: this stateful layer holds a state h for batch size N=3, got xs of shape \(2, 5, 4\)",
+    ):
+        layer.forward(backend.asarray(np.zeros((N - 1, T, D))))
+    with pytest.raises(ValueError, match=r"dhs: expected shape \(N=3, T=5, H=6\)"):
+        layer.backward(backend.asarray(np.zeros((N, T, H + 1))))
+    after = (layer.h, getattr(layer, "c", None), layer.cache, list(layer.params))
+    assert all(x is y for x, y in zip(before[:3], after[:3]))
+    assert all(x is y for x, y in zip(before[3], after[3]))
+    assert layer.grads is None
