@@ -37,12 +37,28 @@ def common(**arrays: Any) -> tuple[ModuleType, Any, Any]:
         # array_namespace lets Python scalars through; an RNN input never is one.
         if type(a) in (bool, int, float, complex):
             raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
-        if not xp.isdtype(a.dtype, "real floating"):
+        if not _real_floating(xp, a.dtype):
             raise TypeError(
                 f"{name}: expected a real floating dtype (float32 or float64), got {a.dtype}"
             )
     dev = _common_device(given)
     return xp, xp.result_type(*given.values()), dev
+
+
+def _real_floating(xp: ModuleType, dtype: Any) -> bool:
+    # isdtype costs microseconds on NumPy; a call checks several arrays and
+    # dtypes repeat, so remember the answers (dtypes of every supported
+    # library are hashable; an unhashable one is simply not cached).
+    try:
+        return _REAL_FLOATING[xp, dtype]
+    except KeyError:
+        answer = _REAL_FLOATING[xp, dtype] = bool(xp.isdtype(dtype, "real floating"))
+        return answer
+    except TypeError:
+        return bool(xp.isdtype(dtype, "real floating"))
+
+
+_REAL_FLOATING: dict = {}
 
 
 def _raise_namespace_error(given: dict[str, Any]) -> None:

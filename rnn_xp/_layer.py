@@ -137,8 +137,12 @@ def sequence_forward(
     bh: Array | None,
     states: dict[str, Array | None],
     bias_names: tuple[str, str],
-) -> tuple[Array, tuple, SequenceCache]:
-    """Validate, cast and run ``cell`` over ``xs``; return ``(hs, state_n, cache)``."""
+    inference: bool = False,
+) -> tuple[Array, tuple, SequenceCache | None]:
+    """Validate, cast and run ``cell`` over ``xs``; return ``(hs, state_n, cache)``.
+
+    With ``inference=True`` nothing is kept for backward and ``cache`` is None.
+    """
     named = {"xs": xs, "Wx": Wx, "Wh": Wh, bias_names[0]: bx, bias_names[1]: bh, **states}
     xp, dtype, dev = _checks.common(**named)
     D, H = check_weights(Wx, Wh, cell.gates)
@@ -153,7 +157,11 @@ def sequence_forward(
 
     xs_, Wx_, Wh_, bx_, bh_, *states_ = cast(xp, dtype, xs, Wx, Wh, bx, bh, *states.values())
     state0 = tuple(zeros(xp, (N, H), dtype, dev) if s is None else s for s in states_)
-    hs, state_n, tape = _scan.forward(xp, cell, xs_, Wx_, Wh_, bx_, bh_, state0)
+    hs, state_n, tape = _scan.forward(
+        xp, cell, xs_, Wx_, Wh_, bx_, bh_, state0, keep_tape=not inference
+    )
+    if inference:
+        return hs, state_n, None
     inputs = (xs, *states.values(), Wx, Wh, bx, bh)
     return hs, state_n, SequenceCache(tape, inputs)
 
@@ -165,6 +173,10 @@ def sequence_backward(
     dstates: dict[str, Array | None],
 ) -> list[Array | None]:
     """Gradients ``[dxs, *dstate0, dWx, dWh, dbx, dbh]`` of `sequence_forward`."""
+    if cache is None:
+        raise ValueError(
+            "cache: None comes from an inference-mode forward; run it with inference=False"
+        )
     tape, inputs = cache
     xp, _, _ = _checks.common(dhs=dhs, **dstates, xs=tape.xs)
     N, T = tape.xs.shape[0], tape.xs.shape[1]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, NamedTuple, Protocol
 
-from . import _checks
+from . import _checks, _fastpath
 from ._backends import zeros_like
 
 Array = Any
@@ -31,6 +31,7 @@ State = tuple[Array, ...]
 class Cell(Protocol):
     """One cell kind: how many H-wide gate blocks it has and how one step runs."""
 
+    kind: str  # "elman", "lstm" or "gru": which fused loop `_fastpath` may use
     gates: int  # Wx has gates * H columns
     n_states: int  # 1 for (h,), 2 for (h, c)
 
@@ -54,22 +55,34 @@ class Cell(Protocol):
 
 
 class Tape(NamedTuple):
-    """What `backward` needs from `forward`; opaque to callers."""
+    """What `backward` needs from `forward`; opaque to callers.
+
+    ``saved`` and ``h_prev`` are per-step lists, or, when ``stacked``, one
+    pytree and one array with time as the leading axis (the JAX fast path).
+    """
 
     xs: Array
     Wx: Array
     Wh: Array
     bx: Array | None
     bh: Array | None
-    saved: list
-    h_prev: list  # the h of the state each step started from
+    saved: Any
+    h_prev: Any  # the h of the state each step started from
     mask: Array | None  # bool, (N, T, 1)
     reverse: bool
+    stacked: bool = False
 
 
 def _bias_over_time(xp: ModuleType, b: Array) -> Array:
     # b broadcasts to (N, G); over (N, T, G) a 2-D bias needs its time axis.
     return xp.expand_dims(b, axis=-2) if b.ndim == 2 else b
+
+
+def project(xp: ModuleType, xs: Array, Wx: Array, bx: Array | None) -> Array:
+    """``xs @ Wx + bx`` for all N*T rows as one matrix product: (N, T, G)."""
+    N, T, D = xs.shape
+    ax = xp.reshape(xp.reshape(xs, (N * T, D)) @ Wx, (N, T, Wx.shape[1]))
+    return ax if bx is None else ax + _bias_over_time(xp, bx)
 
 
 def forward(
@@ -83,31 +96,48 @@ def forward(
     state0: State,
     mask: Array | None = None,
     reverse: bool = False,
-) -> tuple[Array, State, Tape]:
+    keep_tape: bool = True,
+) -> tuple[Array, State, Tape | None]:
     """Run ``cell`` over ``xs`` (N, T, D) from ``state0``; return ``(outs, state_n, tape)``.
 
     Inputs are already validated and cast; ``mask`` is bool (N, T) or None.
+    With ``keep_tape=False`` (inference) nothing is kept for `backward` and the
+    tape is None.
     """
-    N, T, D = xs.shape
-    ax = xp.reshape(xp.reshape(xs, (N * T, D)) @ Wx, (N, T, Wx.shape[1]))
-    if bx is not None:
-        ax = ax + _bias_over_time(xp, bx)
+    try:
+        ax = _fastpath.project(xp, xs, Wx, bx)
+    except NotImplementedError:
+        ax = project(xp, xs, Wx, bx)
     mask3 = None if mask is None else xp.expand_dims(mask, axis=-1)
-    no_output = None if mask is None else zeros_like(xp, state0[0])
+    try:
+        outs, state, saved, h_prev, stacked = _fastpath.forward(
+            xp, cell, ax, Wh, bh, state0, mask3, reverse, keep_tape
+        )
+    except NotImplementedError:
+        outs, state, saved, h_prev = _loop(xp, cell, ax, Wh, bh, state0, mask3, reverse, keep_tape)
+        stacked = False
+    if not keep_tape:
+        return outs, state, None
+    return outs, state, Tape(xs, Wx, Wh, bx, bh, saved, h_prev, mask3, reverse, stacked)
 
+
+def _loop(xp, cell, ax, Wh, bh, state0, mask3, reverse, keep_tape):
+    """The generic forward loop: any namespace, steps collected and stacked."""
+    T = ax.shape[1]
+    no_output = None if mask3 is None else zeros_like(xp, state0[0])
     state = state0
     outs, saved, h_prev = [None] * T, [None] * T, [None] * T
     for t in reversed(range(T)) if reverse else range(T):
-        new, saved[t] = cell.step(xp, ax[:, t, :], state, Wh, bh)
-        h_prev[t] = state[0]
+        new, s = cell.step(xp, ax[:, t, :], state, Wh, bh)
+        if keep_tape:
+            saved[t], h_prev[t] = s, state[0]
         if mask3 is None:
             state, outs[t] = new, new[0]
         else:
             m = mask3[:, t, :]
             state = tuple(xp.where(m, a, b) for a, b in zip(new, state))
             outs[t] = xp.where(m, new[0], no_output)
-    tape = Tape(xs, Wx, Wh, bx, bh, saved, h_prev, mask3, reverse)
-    return xp.stack(outs, axis=1), state, tape
+    return xp.stack(outs, axis=1), state, saved, h_prev
 
 
 def backward(
@@ -118,34 +148,41 @@ def backward(
     ``douts`` (N, T, H) is the gradient with respect to the outputs and
     ``dstate_n`` with respect to the final state, None entries meaning zero.
     """
-    xs, Wx, Wh, bx, bh, saved, h_prev, mask3, reverse = tape
+    xs, Wx, Wh, bx, bh, h_prev = tape.xs, tape.Wx, tape.Wh, tape.bx, tape.bh, tape.h_prev
     N, T, D = xs.shape
     zero = zeros_like(xp, douts[:, 0, :])
     dstate = tuple(zero if d is None else d for d in dstate_n)
-    no_grad = None if mask3 is None else zero
+    if tape.stacked:
+        dax3, dah3, dstate, h_prev3 = _fastpath.backward_stacked(xp, cell, tape, douts, dstate)
+    else:
+        dax3, dah3, dstate = _backward_loop(xp, cell, tape, douts, dstate, zero)
+        h_prev3 = xp.stack(h_prev, axis=1)
 
+    G = Wx.shape[1]
+    dax2 = xp.reshape(dax3, (N * T, G))
+    dah2 = xp.reshape(dah3, (N * T, G))
+    dxs = xp.reshape(dax2 @ Wx.T, (N, T, D))
+    dWx = xp.reshape(xs, (N * T, D)).T @ dax2
+    dWh = xp.reshape(h_prev3, (N * T, Wh.shape[0])).T @ dah2
+    dbx = None if bx is None else _checks.sum_to_shape(xp, xp.sum(dax3, axis=1), tuple(bx.shape))
+    dbh = None if bh is None else _checks.sum_to_shape(xp, xp.sum(dah3, axis=1), tuple(bh.shape))
+    return dxs, dstate, dWx, dWh, dbx, dbh
+
+
+def _backward_loop(xp, cell, tape, douts, dstate, zero):
+    """The generic backward loop; returns ``(dax3, dah3, dstate0)``."""
+    saved, mask3, reverse = tape.saved, tape.mask, tape.reverse
+    T = douts.shape[1]
     dax, dah = [None] * T, [None] * T
     for t in range(T) if reverse else reversed(range(T)):
         dnew = (douts[:, t, :] + dstate[0], *dstate[1:])
         if mask3 is None:
-            dstate, dax[t], dah[t] = cell.step_backward(xp, dnew, saved[t], Wh)
+            dstate, dax[t], dah[t] = cell.step_backward(xp, dnew, saved[t], tape.Wh)
         else:
             m = mask3[:, t, :]
-            dstep = tuple(xp.where(m, d, no_grad) for d in dnew)
-            dprev, dax[t], dah[t] = cell.step_backward(xp, dstep, saved[t], Wh)
+            dstep = tuple(xp.where(m, d, zero) for d in dnew)
+            dprev, dax[t], dah[t] = cell.step_backward(xp, dstep, saved[t], tape.Wh)
             # A masked step passed the state through (and output a constant
             # zero): the state's gradient passes back through it unchanged.
-            dstate = tuple(p + xp.where(m, no_grad, d) for p, d in zip(dprev, dstate))
-
-    G = Wx.shape[1]
-    dax3 = xp.stack(dax, axis=1)
-    dax2 = xp.reshape(dax3, (N * T, G))
-    dah3 = xp.stack(dah, axis=1)
-    dah2 = xp.reshape(dah3, (N * T, G))
-    h_prev2 = xp.reshape(xp.stack(h_prev, axis=1), (N * T, Wh.shape[0]))
-    dxs = xp.reshape(dax2 @ Wx.T, (N, T, D))
-    dWx = xp.reshape(xs, (N * T, D)).T @ dax2
-    dWh = h_prev2.T @ dah2
-    dbx = None if bx is None else _checks.sum_to_shape(xp, xp.sum(dax3, axis=1), tuple(bx.shape))
-    dbh = None if bh is None else _checks.sum_to_shape(xp, xp.sum(dah3, axis=1), tuple(bh.shape))
-    return dxs, dstate, dWx, dWh, dbx, dbh
+            dstate = tuple(p + xp.where(m, zero, d) for p, d in zip(dprev, dstate))
+    return xp.stack(dax, axis=1), xp.stack(dah, axis=1), dstate

@@ -42,6 +42,7 @@ NONLINEARITIES = ("tanh", "relu")
 class ElmanCell:
     """One Elman step and its backward, for `_scan`. ``saved`` is the step's output h."""
 
+    kind = "elman"
     gates = 1
     n_states = 1
 
@@ -227,7 +228,8 @@ def rnn_forward(
     xp, dtype, dev, N, _, H = _check_sequence(xs, Wx, Wh, b, h0)
     xs, Wx, Wh, b, h0 = cast(xp, dtype, xs, Wx, Wh, b, h0)
     h0 = zeros(xp, (N, H), dtype, dev) if h0 is None else h0
-    hs, (h_n,), _ = _scan.forward(xp, cell, xs, Wx, Wh, b, None, (h0,))
+    # rnn_backward rebuilds everything it needs from hs: no tape to keep.
+    hs, (h_n,), _ = _scan.forward(xp, cell, xs, Wx, Wh, b, None, (h0,), keep_tape=False)
     return hs, h_n
 
 

@@ -38,6 +38,7 @@ __all__ = [
 class GRUCell:
     """One GRU step and its backward, for `_scan`."""
 
+    kind = "gru"
     gates = 3
     n_states = 1
 
@@ -103,7 +104,9 @@ def gru_forward(
     bx: Array | None,
     bh: Array | None,
     h0: Array | None = None,
-) -> tuple[Array, Array, SequenceCache]:
+    *,
+    inference: bool = False,
+) -> tuple[Array, Array, SequenceCache | None]:
     """Run the GRU over whole sequences.
 
     Parameters
@@ -119,10 +122,13 @@ def gru_forward(
     -------
     hs : array, shape (N, T, H)
     h_n : array, shape (N, H)
-    cache : object
-        Pass it to `gru_backward`.
+    cache : object, or None with ``inference=True``
+        Pass it to `gru_backward`. With ``inference=True`` no backward cache is
+        kept (peak memory: the input projection plus O(N*H) beyond the output).
     """
-    hs, (h_n,), cache = _layer.sequence_forward(CELL, xs, Wx, Wh, bx, bh, {"h0": h0}, BIASES)
+    hs, (h_n,), cache = _layer.sequence_forward(
+        CELL, xs, Wx, Wh, bx, bh, {"h0": h0}, BIASES, inference
+    )
     return hs, h_n, cache
 
 

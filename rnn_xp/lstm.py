@@ -38,6 +38,7 @@ __all__ = [
 class LSTMCell:
     """One LSTM step and its backward, for `_scan`."""
 
+    kind = "lstm"
     gates = 4
     n_states = 2
 
@@ -135,7 +136,9 @@ def lstm_forward(
     b: Array | None,
     h0: Array | None = None,
     c0: Array | None = None,
-) -> tuple[Array, Array, Array, SequenceCache]:
+    *,
+    inference: bool = False,
+) -> tuple[Array, Array, Array, SequenceCache | None]:
     """Run the LSTM over whole sequences.
 
     Parameters
@@ -152,11 +155,17 @@ def lstm_forward(
     hs : array, shape (N, T, H)
     h_n, c_n : arrays, shape (N, H)
         The states after the last step.
-    cache : object
+    cache : object, or None with ``inference=True``
         Pass it to `lstm_backward`.
+
+    Notes
+    -----
+    With ``inference=True`` no backward cache is kept: beyond the output, peak
+    memory is the input projection (N, T, 4H) plus O(N*H) scratch on NumPy and
+    CuPy.
     """
     hs, (h_n, c_n), cache = _layer.sequence_forward(
-        CELL, xs, Wx, Wh, b, None, {"h0": h0, "c0": c0}, ("b", "bh")
+        CELL, xs, Wx, Wh, b, None, {"h0": h0, "c0": c0}, ("b", "bh"), inference
     )
     return hs, h_n, c_n, cache
 

@@ -209,6 +209,7 @@ class Recurrent:
         *,
         dropout_seed: int | None = None,
         dropout_masks: list[Array] | None = None,
+        inference: bool = False,
     ) -> tuple[Array, Array | tuple[Array, Array]]:
         """Run the model; return ``(out, h_n)``, or ``(out, (h_n, c_n))`` for LSTM.
 
@@ -233,6 +234,9 @@ class Recurrent:
             Instead of a seed, the keep-masks themselves: ``num_layers - 1``
             arrays shaped like a layer's output, (T, N, num_directions * H) or
             (N, T, ...) if ``batch_first``. Kept values are scaled by 1/(1-p).
+        inference : bool, default False
+            Keep nothing for `backward` (which then raises); peak memory beyond
+            the output is one layer's input projection plus O(N*H) on NumPy/CuPy.
 
         Returns
         -------
@@ -276,7 +280,7 @@ class Recurrent:
                 )
                 Wx, Wh, bx, bh = self._weights(xp, dtype, layer, direction)
                 out, state_n, tapes[i] = _scan.forward(
-                    xp, self.cell, x, Wx, Wh, bx, bh, state0, steps, reverse=direction == 1
+                    xp, self.cell, x, Wx, Wh, bx, bh, state0, steps, direction == 1, not inference
                 )
                 outs.append(out)
                 h_n.append(state_n[0])
@@ -285,7 +289,11 @@ class Recurrent:
             if keep is not None and layer < self.num_layers - 1:
                 x = x * keep[layer]
 
-        self._cache = {"tapes": tapes, "keep": keep, "xs": xs, "N": N, "T": T, "dtype": dtype}
+        self._cache = (
+            None
+            if inference
+            else {"tapes": tapes, "keep": keep, "xs": xs, "N": N, "T": T, "dtype": dtype}
+        )
         out = self._batch_major(xp, x)
         h_n = xp.stack(h_n, axis=0)
         return (out, (h_n, xp.stack(c_n, axis=0))) if lstm else (out, h_n)
@@ -381,7 +389,7 @@ class Recurrent:
         the initial states, shape (num_layers * num_directions, N, H).
         """
         if self._cache is None:
-            raise RuntimeError("Recurrent.backward: call forward first")
+            raise RuntimeError("Recurrent.backward: call forward first (with inference=False)")
         c = self._cache
         lstm = isinstance(self.cell, LSTMCell)
         dh_n, dc_n = self._split_state("dh_n", dh_n, lstm)

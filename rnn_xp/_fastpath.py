@@ -1,0 +1,224 @@
+"""Optional fused time loops for particular libraries; the generic loop is the fallback.
+
+This is the only module besides `_backends` that asks which library an array
+comes from. Each function here either does the whole job or raises
+`NotImplementedError`, and `_scan` then runs its generic array-API loop. The
+test suite runs both paths on every backend and checks that they agree
+(``tests/test_fastpath.py``).
+
+* NumPy and CuPy, no mask: the forward loop writes into preallocated buffers
+  with ``out=`` (``matmul``, ``tanh``, in-place gate arithmetic), so a step
+  allocates nothing and the outputs are never copied into a stacked array.
+  Inference keeps only the input projection, the output and O(N*H) scratch.
+* JAX, with or without a mask: forward and backward are each one
+  ``jax.lax.scan`` over the cells' own ``step`` and ``step_backward``, so the
+  loop is traced once, and compile time under ``jax.jit`` does not grow with T.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from array_api_compat import device, is_cupy_namespace, is_jax_namespace, is_numpy_namespace
+
+from ._backends import _on
+
+DISABLED = False
+"""Set to True to force the generic loop everywhere (the tests compare both)."""
+
+
+def _library(xp: ModuleType) -> ModuleType:
+    """The bare NumPy or CuPy module behind ``xp``, whose functions take ``out=``."""
+    if DISABLED or not (is_numpy_namespace(xp) or is_cupy_namespace(xp)):
+        raise NotImplementedError
+    if is_numpy_namespace(xp):
+        import numpy as lib
+    else:
+        import cupy as lib
+    return lib
+
+
+def project(xp: ModuleType, xs, Wx, bx):
+    """``xs @ Wx + bx`` (N, T, G) with the bias added in place into the product."""
+    lib = _library(xp)
+    N, T, D = xs.shape
+    with _on(xp, device(xs)):
+        ax = lib.matmul(xs.reshape(N * T, D), Wx).reshape(N, T, Wx.shape[1])
+        if bx is not None:
+            lib.add(ax, bx[:, None, :] if bx.ndim == 2 else bx, out=ax)
+    return ax
+
+
+def forward(xp: ModuleType, cell: Any, ax, Wh, bh, state0, mask3, reverse: bool, keep: bool):
+    """``(outs, state_n, saved, h_prev, stacked)`` of one direction, or NotImplementedError."""
+    if DISABLED:
+        raise NotImplementedError
+    if is_jax_namespace(xp):
+        return _jax_forward(xp, cell, ax, Wh, bh, state0, mask3, reverse, keep)
+    lib = _library(xp)
+    if mask3 is not None:
+        raise NotImplementedError
+    loop = {"elman": _elman, "lstm": _lstm, "gru": _gru}[cell.kind]
+    with _on(xp, device(ax)):
+        outs, state, saved, h_prev = loop(lib, cell, ax, Wh, bh, state0, reverse, keep)
+    return outs, state, saved, h_prev, False
+
+
+def _order(T: int, reverse: bool) -> range:
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def _sigmoid_(lib: ModuleType, a) -> None:
+    """In place: a <- sigmoid(a) = 0.5 * tanh(a / 2) + 0.5, which cannot overflow."""
+    lib.multiply(a, 0.5, out=a)
+    lib.tanh(a, out=a)
+    lib.multiply(a, 0.5, out=a)
+    lib.add(a, 0.5, out=a)
+
+
+def _elman(lib, cell, ax, Wh, bh, state0, reverse, keep):
+    N, T, H = ax.shape
+    hs = lib.empty((T, N, H), dtype=ax.dtype)  # time-major: each step contiguous
+    a = lib.empty((N, H), dtype=ax.dtype)
+    saved, h_prev = [None] * T, [None] * T
+    (h,) = state0
+    for t in _order(T, reverse):
+        lib.matmul(h, Wh, out=a)
+        lib.add(a, ax[:, t, :], out=a)
+        if bh is not None:
+            lib.add(a, bh, out=a)
+        out = hs[t]
+        if cell.nonlinearity == "tanh":
+            lib.tanh(a, out=out)
+        else:
+            lib.maximum(a, 0, out=out)
+        if keep:
+            saved[t], h_prev[t] = out, h
+        h = out
+    return hs.transpose(1, 0, 2), (h.copy(),), saved, h_prev
+
+
+def _lstm(lib, cell, ax, Wh, bh, state0, reverse, keep):
+    N, T, G = ax.shape
+    H = G // 4
+    dtype = ax.dtype
+    hs = lib.empty((T, N, H), dtype=dtype)  # time-major: each step contiguous
+    A = lib.empty((N, G), dtype=dtype)
+    ig = lib.empty((N, H), dtype=dtype)
+    if keep:  # every step's gates and cell state stay alive for backward
+        gates, cs, tcs = (lib.empty((T, N, n), dtype=dtype) for n in (G, H, H))
+    else:  # O(N*H) scratch, the cell state alternating between two buffers
+        gate_buf, tc_buf = lib.empty((N, G), dtype=dtype), lib.empty((N, H), dtype=dtype)
+        c_bufs = (lib.empty((N, H), dtype=dtype), lib.empty((N, H), dtype=dtype))
+    saved, h_prev = [None] * T, [None] * T
+    h, c = state0
+    for k, t in enumerate(_order(T, reverse)):
+        lib.matmul(h, Wh, out=A)
+        lib.add(A, ax[:, t, :], out=A)
+        if bh is not None:
+            lib.add(A, bh, out=A)
+        g_t = gates[t] if keep else gate_buf
+        i, f, g, o = g_t[:, :H], g_t[:, H : 2 * H], g_t[:, 2 * H : 3 * H], g_t[:, 3 * H :]
+        lib.copyto(g_t, A)
+        _sigmoid_(lib, g_t[:, : 2 * H])
+        _sigmoid_(lib, o)
+        lib.tanh(g, out=g)
+        c_new = cs[t] if keep else c_bufs[k % 2]
+        lib.multiply(f, c, out=c_new)
+        lib.multiply(i, g, out=ig)
+        lib.add(c_new, ig, out=c_new)
+        tc = tcs[t] if keep else tc_buf
+        lib.tanh(c_new, out=tc)
+        out = hs[t]
+        lib.multiply(o, tc, out=out)
+        if keep:
+            saved[t], h_prev[t] = (i, f, g, o, tc, c), h
+        h, c = out, c_new
+    return hs.transpose(1, 0, 2), (h.copy(), c.copy()), saved, h_prev
+
+
+def _gru(lib, cell, ax, Wh, bh, state0, reverse, keep):
+    N, T, G = ax.shape
+    H = G // 3
+    dtype = ax.dtype
+    hs = lib.empty((T, N, H), dtype=dtype)  # time-major: each step contiguous
+    ah = lib.empty((N, G), dtype=dtype)
+    diff = lib.empty((N, H), dtype=dtype)
+    if keep:
+        rzs, ns, ahns = (lib.empty((T, N, n), dtype=dtype) for n in (2 * H, H, H))
+    else:
+        rz_buf, n_buf = lib.empty((N, 2 * H), dtype=dtype), lib.empty((N, H), dtype=dtype)
+    saved, h_prev = [None] * T, [None] * T
+    (h,) = state0
+    for t in _order(T, reverse):
+        lib.matmul(h, Wh, out=ah)
+        if bh is not None:
+            lib.add(ah, bh, out=ah)
+        rz = rzs[t] if keep else rz_buf
+        lib.add(ax[:, t, : 2 * H], ah[:, : 2 * H], out=rz)
+        _sigmoid_(lib, rz)
+        r, z = rz[:, :H], rz[:, H:]
+        n = ns[t] if keep else n_buf
+        lib.multiply(r, ah[:, 2 * H :], out=n)
+        lib.add(n, ax[:, t, 2 * H :], out=n)
+        lib.tanh(n, out=n)
+        out = hs[t]
+        lib.subtract(h, n, out=diff)  # h_t = n + z * (h - n) = (1 - z) * n + z * h
+        lib.multiply(diff, z, out=diff)
+        lib.add(n, diff, out=out)
+        if keep:
+            ahn = ahns[t]
+            lib.copyto(ahn, ah[:, 2 * H :])
+            saved[t], h_prev[t] = (r, z, n, ahn, h), h
+        h = out
+    return hs.transpose(1, 0, 2), (h.copy(),), saved, h_prev
+
+
+# -- JAX: one lax.scan each way ------------------------------------------------
+
+
+def _jax_forward(xp, cell, ax, Wh, bh, state0, mask3, reverse, keep):
+    import jax
+
+    def body(state, inputs):
+        a_t, m = inputs
+        new, saved = cell.step(xp, a_t, state, Wh, bh)
+        if m is None:
+            nxt, out = new, new[0]
+        else:
+            nxt = tuple(xp.where(m, a, b) for a, b in zip(new, state))
+            out = xp.where(m, new[0], 0)
+        return nxt, (out, saved if keep else None, state[0] if keep else None)
+
+    masks = None if mask3 is None else xp.moveaxis(mask3, 1, 0)
+    state, (outs, saved, h_prev) = jax.lax.scan(
+        body, tuple(state0), (xp.moveaxis(ax, 1, 0), masks), reverse=reverse
+    )
+    return xp.moveaxis(outs, 0, 1), state, saved, h_prev, True
+
+
+def backward_stacked(xp, cell, tape, douts, dstate):
+    """The backward of `_jax_forward`: ``(dax3, dah3, dstate0, h_prev3)``."""
+    import jax
+
+    def body(dstate, inputs):
+        d_t, saved_t, m = inputs
+        dnew = (d_t + dstate[0], *dstate[1:])
+        if m is None:
+            dprev, dax, dah = cell.step_backward(xp, dnew, saved_t, tape.Wh)
+        else:
+            dstep = tuple(xp.where(m, d, 0) for d in dnew)
+            dprev, dax, dah = cell.step_backward(xp, dstep, saved_t, tape.Wh)
+            dprev = tuple(p + xp.where(m, 0, d) for p, d in zip(dprev, dstate))
+        return dprev, (dax, dah)
+
+    masks = None if tape.mask is None else xp.moveaxis(tape.mask, 1, 0)
+    dstate0, (dax, dah) = jax.lax.scan(
+        body,
+        tuple(dstate),
+        (xp.moveaxis(douts, 1, 0), tape.saved, masks),
+        reverse=not tape.reverse,
+    )
+    move = lambda a: xp.moveaxis(a, 0, 1)  # noqa: E731
+    return move(dax), move(dah), dstate0, move(tape.h_prev)
