@@ -1,4 +1,6 @@
-"""``python -m rnn_xp``: the notebook-sized example on every installed backend.
+"""``python -m rnn_xp [check]``: the notebook-sized example on every installed backend.
+
+``python -m rnn_xp bench`` runs the benchmark suite instead (`rnn_xp.bench`).
 
 For each backend and dtype it runs `RNNLayer` forward and backward on the same
 inputs and prints the backend, device, dtype, the best-of-R forward time, and
@@ -64,7 +66,21 @@ def _deviation(outputs: list, reference: list[np.ndarray], loaded: Loaded) -> fl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rnn_xp", description=__doc__.split("\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from . import bench
+
+        return bench.main(argv[1:])
+    if argv[:1] == ["check"]:
+        argv = argv[1:]
+    return check(argv)
+
+
+def check(argv: Sequence[str]) -> int:
+    """The cross-backend agreement table; exit status 1 on a deviation."""
+    parser = argparse.ArgumentParser(
+        prog="python -m rnn_xp check", description=__doc__.split("\n")[0]
+    )
     parser.add_argument(
         "--backend",
         action="append",

@@ -1,0 +1,374 @@
+"""The benchmark suite: ``python -m rnn_xp bench``.
+
+For each size (N, T, D, H), dtype and cell kind it times, in one process and
+interleaved (round robin, best of R rounds, so that a noisy neighbour slows every
+contender alike):
+
+* ``limit``: the same GEMMs alone, in NumPy, into preallocated buffers: the
+  input projection plus T recurrent products forward; backward adds T recurrent
+  products and the dWx, dWh and dxs products;
+* ``rnn_xp numpy``: the sequence functions on NumPy arrays (forward in
+  inference mode, and forward + analytic backward);
+* ``notebook``: the seed notebook's own `RNNLayer` loop (Elman forward only);
+* ``torch.nn``: ``torch.nn.RNN``/``LSTM``/``GRU`` on the CPU, forward under
+  ``no_grad`` and forward + backward through autograd, same thread count;
+* ``rnn_xp torch``: rnn_xp on torch CPU tensors (forward; forward + analytic
+  backward);
+* ``rnn_xp jax``: rnn_xp on JAX arrays under ``jax.jit`` (forward; forward +
+  analytic backward), compiled before timing.
+
+It prints best-of-R milliseconds, GFLOP/s and the ratio to ``limit`` and to
+``torch.nn``, and, with ``--memory``, the tracemalloc peak of NumPy inference and
+training forwards. ``--gpu`` times rnn_xp on CuPy and on torch CUDA against
+``torch.nn`` (cuDNN) instead. Contenders whose library is missing are left out
+with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+import rnn_xp
+
+KINDS = {"rnn_tanh": 1, "lstm": 4, "gru": 3}
+NOTEBOOK = (32, 16, 100, 100)
+SIZES = [NOTEBOOK, (64, 64, 256, 256), (256, 64, 512, 512)]
+T_SWEEP = [(64, T, 256, 256) for T in (16, 64, 256)]
+N_SWEEP = [(N, 64, 256, 256) for N in (16, 64, 256)]
+SMOKE = [(3, 4, 5, 6)]
+GPU_SIZES = [NOTEBOOK, (1024, 128, 1024, 1024)]
+
+
+def flops(kind: str, N: int, T: int, D: int, H: int, backward: bool) -> float:
+    """Matrix-product FLOPs: forward 2*N*T*G*H*(D + H); backward twice that again."""
+    fwd = 2.0 * N * T * KINDS[kind] * H * (D + H)
+    return 3 * fwd if backward else fwd
+
+
+def problem(kind: str, N: int, T: int, D: int, H: int, dtype: str, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    G = KINDS[kind] * H
+    return {
+        "xs": rng.standard_normal((N, T, D)).astype(dtype),
+        "Wx": (rng.uniform(-1, 1, (D, G)) / np.sqrt(H)).astype(dtype),
+        "Wh": (rng.uniform(-1, 1, (H, G)) / np.sqrt(H)).astype(dtype),
+        "b": (rng.uniform(-1, 1, G) / np.sqrt(H)).astype(dtype),
+        "dhs": rng.standard_normal((N, T, H)).astype(dtype),
+    }
+
+
+# -- contenders ----------------------------------------------------------------
+# Each returns {label: (callable, with_backward)} for one kind and problem.
+
+
+def _forward_backward(kind: str, a: dict, backward: bool, inference: bool = False):
+    """rnn_xp's sequence function of ``kind`` on whatever arrays ``a`` holds."""
+    xs, Wx, Wh, b = a["xs"], a["Wx"], a["Wh"], a["b"]
+    if kind == "rnn_tanh":
+        hs, _ = rnn_xp.rnn_forward(xs, Wx, Wh, b)
+        return rnn_xp.rnn_backward(a["dhs"], xs, hs, Wx, Wh, b) if backward else hs
+    if kind == "lstm":
+        hs, _, _, cache = rnn_xp.lstm_forward(xs, Wx, Wh, b, inference=inference)
+        return rnn_xp.lstm_backward(a["dhs"], cache) if backward else hs
+    hs, _, cache = rnn_xp.gru_forward(xs, Wx, Wh, b, b, inference=inference)
+    return rnn_xp.gru_backward(a["dhs"], cache) if backward else hs
+
+
+def limit(kind: str, a: dict) -> dict:
+    xs, Wx, Wh = a["xs"], a["Wx"], a["Wh"]
+    N, T, D = xs.shape
+    H, G = Wh.shape
+    x2 = np.ascontiguousarray(xs.reshape(N * T, D))
+    ax, step, back = (
+        np.empty((N * T, G), xs.dtype),
+        np.empty((N, G), xs.dtype),
+        np.empty((N, H), xs.dtype),
+    )
+    h, dt = np.zeros((N, H), xs.dtype), np.zeros((N, G), xs.dtype)
+    WhT, WxT = np.ascontiguousarray(Wh.T), np.ascontiguousarray(Wx.T)
+    dt2, hp2 = np.zeros((N * T, G), xs.dtype), np.zeros((N * T, H), xs.dtype)
+    dWx, dWh, dx2 = (
+        np.empty((D, G), xs.dtype),
+        np.empty((H, G), xs.dtype),
+        np.empty((N * T, D), xs.dtype),
+    )
+
+    def forward():
+        np.matmul(x2, Wx, out=ax)
+        for _ in range(T):
+            np.matmul(h, Wh, out=step)
+
+    def forward_backward():
+        forward()
+        for _ in range(T):
+            np.matmul(dt, WhT, out=back)
+        np.matmul(x2.T, dt2, out=dWx)
+        np.matmul(hp2.T, dt2, out=dWh)
+        np.matmul(dt2, WxT, out=dx2)
+
+    return {"limit": (forward, False), "limit ": (forward_backward, True)}
+
+
+def rnn_xp_numpy(kind: str, a: dict) -> dict:
+    return {
+        "rnn_xp numpy": (lambda: _forward_backward(kind, a, False, inference=True), False),
+        "rnn_xp numpy ": (lambda: _forward_backward(kind, a, True), True),
+    }
+
+
+def notebook(kind: str, a: dict) -> dict:
+    if kind != "rnn_tanh":
+        return {}
+    xs, Wx, Wh, b = a["xs"], a["Wx"], a["Wh"], a["b"]
+
+    def run():  # the seed notebook's RNNLayer.forward, as written there
+        N, T, _ = xs.shape
+        H = Wx.shape[1]
+        hs = np.empty((N, T, H), dtype="f")
+        h = np.zeros((N, H), dtype="f")
+        for t in range(T):
+            h = np.tanh(np.dot(h, Wh) + np.dot(xs[:, t, :], Wx) + b)
+            hs[:, t, :] = h
+        return hs
+
+    return {"notebook": (run, False)}
+
+
+def torch_nn(kind: str, a: dict, device: str = "cpu") -> dict:
+    import torch
+
+    D, H = a["xs"].shape[2], a["Wh"].shape[0]
+    cls = {"rnn_tanh": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
+    dtype = getattr(torch, str(a["xs"].dtype))
+    module = cls(D, H, batch_first=True, dtype=dtype, device=device)
+    xs = torch.asarray(a["xs"], device=device).requires_grad_(True)
+    dhs = torch.asarray(a["dhs"], device=device)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+
+    def forward():
+        with torch.no_grad():
+            module(xs)
+        sync()
+
+    def forward_backward():
+        module.zero_grad(set_to_none=True)
+        xs.grad = None
+        out, _ = module(xs)
+        out.backward(dhs)
+        sync()
+
+    label = "torch.nn" if device == "cpu" else "torch.nn cudnn"
+    return {label: (forward, False), label + " ": (forward_backward, True)}
+
+
+def rnn_xp_torch(kind: str, a: dict, device: str = "cpu") -> dict:
+    import torch
+
+    t = {k: torch.asarray(v, device=device) for k, v in a.items()}
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+
+    def run(backward):
+        def f():
+            with torch.no_grad():
+                _forward_backward(kind, t, backward, inference=not backward)
+            sync()
+
+        return f
+
+    label = "rnn_xp torch" if device == "cpu" else "rnn_xp torch cuda"
+    return {label: (run(False), False), label + " ": (run(True), True)}
+
+
+def rnn_xp_jax(kind: str, a: dict) -> dict:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    j = {k: jax.numpy.asarray(v) for k, v in a.items()}
+    fwd = jax.jit(lambda arrays: _forward_backward(kind, arrays, False, inference=True))
+    both = jax.jit(lambda arrays: _forward_backward(kind, arrays, True))
+    return {
+        "rnn_xp jax": (lambda: jax.block_until_ready(fwd(j)), False),
+        "rnn_xp jax ": (lambda: jax.block_until_ready(both(j)), True),
+    }
+
+
+def rnn_xp_cupy(kind: str, a: dict) -> dict:
+    import cupy
+
+    c = {k: cupy.asarray(v) for k, v in a.items()}
+
+    def run(backward):
+        def f():
+            _forward_backward(kind, c, backward, inference=not backward)
+            cupy.cuda.get_current_stream().synchronize()
+
+        return f
+
+    return {"rnn_xp cupy": (run(False), False), "rnn_xp cupy ": (run(True), True)}
+
+
+CPU_CONTENDERS: list[Callable] = [
+    limit,
+    rnn_xp_numpy,
+    notebook,
+    torch_nn,
+    rnn_xp_torch,
+    rnn_xp_jax,
+]
+
+
+# -- timing ----------------------------------------------------------------------
+
+
+def best_of(fns: dict[str, Callable], rounds: int, budget_s: float) -> dict[str, float]:
+    """Round-robin best-of-``rounds`` seconds of each function, after one warm-up call."""
+    for f in fns.values():
+        f()
+    best = dict.fromkeys(fns, float("inf"))
+    start = time.perf_counter()
+    for r in range(rounds):
+        for label, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            best[label] = min(best[label], time.perf_counter() - t0)
+        if r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return best
+
+
+def peak_bytes(f: Callable) -> int:
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    f()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def table(
+    kind: str,
+    size: tuple,
+    dtype: str,
+    contenders: Sequence[Callable],
+    rounds: int,
+    budget_s: float,
+) -> list[str]:
+    a = problem(kind, *size, dtype)
+    fns, notes = {}, []
+    for make in contenders:
+        try:
+            found = make(kind, a)
+        except ImportError as exc:
+            notes.append(f"{make.__name__}: skipped ({exc})")
+            continue
+        fns.update(found)
+    timings = best_of({k: f for k, (f, _) in fns.items()}, rounds, budget_s)
+    lines = [f"\n{kind}  N={size[0]} T={size[1]} D={size[2]} H={size[3]}  {dtype}"]
+    head = f"{'best ms':>10}{'GFLOP/s':>10}{'/limit':>9}{'/torch.nn':>11}"
+    lines.append(f"  {'contender':<22}{'pass':<9}{head}")
+    for label, (_, backward) in fns.items():
+        key = " " if backward else ""
+        ref = {k.strip(): timings[k] for k in timings if k.endswith(" ") == backward}
+        lim = ref.get("limit") or ref.get("rnn_xp cupy")
+        peer = ref.get("torch.nn") or ref.get("torch.nn cudnn")
+        t = timings[label]
+        gf = flops(kind, *size, backward) / t / 1e9
+        lines.append(
+            f"  {label.strip():<22}{'fwd+bwd' if key else 'fwd':<9}{1e3 * t:>10.3f}{gf:>10.1f}"
+            f"{t / lim if lim else float('nan'):>9.2f}{t / peer if peer else float('nan'):>11.2f}"
+        )
+    lines += [f"  note: {n}" for n in notes]
+    return lines
+
+
+def memory_lines(size: tuple, dtype: str) -> list[str]:
+    lines = [f"\nNumPy tracemalloc peak, N={size[0]} T={size[1]} D={size[2]} H={size[3]} {dtype}"]
+    for kind, G in KINDS.items():
+        a = problem(kind, *size, dtype)
+        N, T, _, H = size
+        item = np.dtype(dtype).itemsize
+        out, proj, state = N * T * H * item, N * T * G * H * item, N * H * item
+        infer, train = (
+            peak_bytes(lambda k=kind, a=a, i=i: _forward_backward(k, a, False, inference=i))
+            for i in (True, False)
+        )
+        lines.append(
+            f"  {kind:<9} inference {infer / 2**20:8.2f} MiB  training {train / 2**20:8.2f} MiB  "
+            f"(output {out / 2**20:.2f}, projection {proj / 2**20:.2f}, "
+            f"inference beyond output+projection: {(infer - out - proj) / state:.1f} x N*H)"
+        )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rnn_xp bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--kind", action="append", choices=list(KINDS))
+    parser.add_argument("--dtype", action="append", choices=["float32", "float64"])
+    parser.add_argument("--size", nargs=4, type=int, action="append", metavar=("N", "T", "D", "H"))
+    parser.add_argument("--sweeps", action="store_true", help="add the T and N sweeps")
+    parser.add_argument("--rounds", type=int, default=7, help="best of this many rounds")
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds per table, at most")
+    parser.add_argument("--memory", action="store_true", help="tracemalloc peaks on NumPy")
+    parser.add_argument("--gpu", action="store_true", help="CuPy and torch CUDA against cuDNN")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a tiny run that only checks it works"
+    )
+    args = parser.parse_args(argv)
+
+    kinds = args.kind or list(KINDS)
+    dtypes = args.dtype or ["float32"]
+    if args.smoke:
+        sizes, args.rounds, args.budget = SMOKE, 1, 1.0
+    elif args.size:
+        sizes = [tuple(s) for s in args.size]
+    else:
+        sizes = (GPU_SIZES if args.gpu else SIZES) + ((T_SWEEP + N_SWEEP) if args.sweeps else [])
+        sizes = list(dict.fromkeys(sizes))  # the sweeps pass through a main size
+
+    versions = [f"numpy {np.__version__}", f"rnn_xp {rnn_xp.__version__}"]
+    for name in ("torch", "jax", "cupy"):
+        with contextlib.suppress(ImportError):
+            versions.append(f"{name} {__import__(name).__version__}")
+    try:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        versions.append(f"torch threads {torch.get_num_threads()}")
+    except ImportError:
+        pass
+    print(
+        f"rnn_xp benchmark; {', '.join(versions)}; {os.cpu_count()} CPUs; "
+        f"best of {args.rounds} interleaved rounds"
+    )
+
+    if args.gpu:
+        contenders = [rnn_xp_cupy, torch_nn, rnn_xp_torch]
+        extra_for = {torch_nn: {"device": "cuda"}, rnn_xp_torch: {"device": "cuda"}}
+    else:
+        contenders, extra_for = CPU_CONTENDERS, {}
+
+    for size in sizes:
+        for dtype in dtypes:
+            for kind in kinds:
+                bound = [(lambda k, a, m=m: m(k, a, **extra_for.get(m, {}))) for m in contenders]
+                for m, b in zip(contenders, bound):
+                    b.__name__ = m.__name__
+                print("\n".join(table(kind, size, dtype, bound, args.rounds, args.budget)))
+    if args.memory:
+        for size in sizes:
+            print("\n".join(memory_lines(size, dtypes[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The benchmark suite runs, in a tiny configuration, so that it cannot rot.
+
+Nothing here asserts a timing: speed is reported by ``python -m rnn_xp bench``
+(see BENCHMARKS.md), never tested.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rnn_xp import __main__ as cli
+from rnn_xp import bench
+
+
+def test_bench_smoke_prints_every_table(capsys):
+    assert cli.main(["bench", "--smoke", "--memory"]) == 0
+    out = capsys.readouterr().out
+    for kind in bench.KINDS:
+        assert f"{kind}  N=3 T=4 D=5 H=6  float32" in out
+        assert f"{kind:<9} inference" in out
+    for contender in ("limit", "rnn_xp numpy", "notebook"):
+        assert contender in out
+
+
+@pytest.mark.parametrize("kind", list(bench.KINDS))
+def test_bench_contenders_compute_the_same_forward(kind):
+    """The timed rnn_xp calls are real forwards: NumPy, torch and JAX agree."""
+    a = bench.problem(kind, 3, 4, 5, 6, "float64")
+    ref = np.asarray(bench._forward_backward(kind, a, backward=False))
+    torch = pytest.importorskip("torch")
+    t = {k: torch.asarray(v) for k, v in a.items()}
+    np.testing.assert_allclose(bench._forward_backward(kind, t, False).numpy(), ref, rtol=1e-12)
+
+
+def test_flop_count():
+    # Elman forward: (N*T) x D x H input GEMM plus T recurrent (N x H x H) GEMMs, 2 FLOPs each.
+    assert bench.flops("rnn_tanh", 2, 3, 4, 5, backward=False) == 2 * 2 * 3 * 5 * (4 + 5)
+    assert bench.flops("lstm", 2, 3, 4, 5, backward=True) == 3 * 2 * 2 * 3 * 20 * (4 + 5)

@@ -1,0 +1,65 @@
+"""The fused fast paths (`rnn_xp._fastpath`) agree with the generic loop on every backend,
+and inference mode gives the training-mode forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import rnn_xp
+from rnn_xp import _fastpath
+from tests.support import assert_close
+from tests.test_cells import draw, run_layer
+from tests.test_model import D, H, N, T, outputs, step_mask
+
+KINDS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_and_generic_layers_agree(backend, dtype, kind, monkeypatch):
+    a = {
+        k: None if v is None else backend.asarray(v.astype(dtype))
+        for k, v in draw(kind, True, dtype).items()
+    }
+    fast = backend.to_numpy_all(run_layer(kind, a))
+    monkeypatch.setattr(_fastpath, "DISABLED", True)
+    generic = backend.to_numpy_all(run_layer(kind, a))
+    for i, (f, g) in enumerate(zip(fast, generic)):
+        assert_close(f, g.astype(np.float64), dtype, f"output {i}")
+
+
+@pytest.mark.parametrize("steps_kind", ["none", "mask"])
+@pytest.mark.parametrize("mode", list(rnn_xp.MODES))
+def test_fast_and_generic_models_agree(backend, mode, steps_kind, monkeypatch):
+    rng = np.random.default_rng(0)
+    like = backend.asarray(np.zeros(1))
+    model = rnn_xp.Recurrent(
+        mode, D, H, num_layers=2, bidirectional=True, seed=0, like=like, dtype="float64"
+    )
+    xs = backend.asarray(rng.standard_normal((T, N, D)))
+    dout = backend.asarray(rng.standard_normal((T, N, 2 * H)))
+    steps = step_mask(steps_kind)
+    steps = None if steps is None else backend.asarray(steps)
+    fast = backend.to_numpy_all(outputs(model, xs, None, steps, steps_kind, dout))
+    monkeypatch.setattr(_fastpath, "DISABLED", True)
+    generic = backend.to_numpy_all(outputs(model, xs, None, steps, steps_kind, dout))
+    for i, (f, g) in enumerate(zip(fast, generic)):
+        assert_close(f, g, "float64", f"output {i}")
+
+
+@pytest.mark.parametrize("mode", list(rnn_xp.MODES))
+def test_inference_mode_equals_training_forward(backend, mode):
+    rng = np.random.default_rng(1)
+    like = backend.asarray(np.zeros(1))
+    model = rnn_xp.Recurrent(
+        mode, D, H, num_layers=2, bidirectional=True, seed=0, like=like, dtype="float64"
+    )
+    xs = backend.asarray(rng.standard_normal((T, N, D)))
+    train_out, train_h = model.forward(xs)
+    infer_out, infer_h = model.forward(xs, inference=True)
+    assert_close(backend.to_numpy(infer_out), backend.to_numpy(train_out), "float64", "out")
+    h_pair = zip(infer_h, train_h) if mode == "lstm" else [(infer_h, train_h)]
+    for got, want in h_pair:
+        assert_close(backend.to_numpy(got), backend.to_numpy(want), "float64", "h_n")
+    with pytest.raises(RuntimeError, match="call forward first"):
+        model.backward(xs)
