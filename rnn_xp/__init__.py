@@ -9,8 +9,8 @@ Pure functions (no hidden state; the classes wrap them)
     rnn_cell_forward, rnn_cell_backward, rnn_forward, rnn_backward,
     lstm_cell_forward, lstm_cell_backward, lstm_forward, lstm_backward,
     gru_cell_forward, gru_cell_backward, gru_forward, gru_backward
-Sequence model (stacked, bidirectional, masks, dropout) and torch interop
-    Recurrent, from_torch
+Sequence model (stacked, bidirectional, masks, dropout), weights on disk, torch interop
+    Recurrent, load (and Recurrent.save), from_torch
 """
 
 from .elman import (
@@ -29,6 +29,7 @@ from .gru import (
     gru_cell_forward,
     gru_forward,
 )
+from .io import load
 from .lstm import (
     LSTM,
     LSTMLayer,
@@ -56,6 +57,7 @@ __all__ = [
     "gru_cell_backward",
     "gru_cell_forward",
     "gru_forward",
+    "load",
     "lstm_backward",
     "lstm_cell_backward",
     "lstm_cell_forward",

@@ -33,6 +33,7 @@ __all__ = [
     "Loaded",
     "arange",
     "asarray",
+    "for_run",
     "zeros",
     "zeros_like",
 ]
@@ -154,22 +155,32 @@ def _array_api_strict(device_name: str | None) -> Callable[[], Loaded]:
     return load
 
 
-def _torch(cuda: bool) -> Callable[[], Loaded]:
+def _torch(device: str) -> Callable[[], Loaded]:
     def load() -> Loaded:
         torch = _import("torch", "PyTorch")
-        if cuda and not torch.cuda.is_available():
-            raise BackendUnavailable("PyTorch is installed but sees no CUDA GPU")
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise BackendUnavailable(
+                f"PyTorch does not know the device {device!r} ({exc})"
+            ) from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendUnavailable("PyTorch is installed but sees no CUDA GPU")
+            dev = torch.device(
+                "cuda", torch.cuda.current_device() if dev.index is None else dev.index
+            )
+        elif dev.type != "cpu":
+            raise BackendUnavailable(f"device {device!r}: expected cpu or cuda[:N]")
         import array_api_compat.torch as xp
 
-        dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-
         def block(a: Any) -> Any:
-            if cuda:
+            if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             return a
 
         return Loaded(
-            "torch:cuda" if cuda else "torch",
+            "torch" if dev.type == "cpu" else "torch:cuda",
             xp,
             dev,
             lambda a: torch.asarray(np.array(a, copy=True), device=dev),
@@ -180,7 +191,7 @@ def _torch(cuda: bool) -> Callable[[], Loaded]:
     return load
 
 
-def _jax(gpu: bool) -> Callable[[], Loaded]:
+def _jax(platform: str) -> Callable[[], Loaded]:
     def load() -> Loaded:
         jax = _import("jax", "JAX")
         # float64 needs x64; it must be on before any array is made.
@@ -189,15 +200,13 @@ def _jax(gpu: bool) -> Callable[[], Loaded]:
         # default, which would hide our own error behind the hardware's.
         jax.config.update("jax_default_matmul_precision", "highest")
         try:
-            dev = jax.devices("gpu" if gpu else "cpu")[0]
+            dev = jax.devices(platform)[0]
         except RuntimeError as exc:
-            raise BackendUnavailable(
-                f"JAX sees no {'GPU' if gpu else 'CPU'} device ({exc})"
-            ) from None
+            raise BackendUnavailable(f"JAX sees no {platform} device ({exc})") from None
         import jax.numpy as xp
 
         return Loaded(
-            "jax:gpu" if gpu else "jax",
+            "jax" if platform == "cpu" else "jax:gpu",
             xp,
             dev,
             lambda a: jax.device_put(np.array(a, copy=True), dev),
@@ -230,25 +239,28 @@ def _dask() -> Loaded:
     )
 
 
-def _cupy() -> Loaded:
-    cp = _import("cupy", "CuPy")
-    # is_available() is False when CuPy is installed but no GPU or driver is present.
-    if not cp.is_available():
-        raise BackendUnavailable("CuPy is installed but no CUDA GPU is available")
-    import array_api_compat.cupy as xp
+def _cupy(index: int = 0) -> Callable[[], Loaded]:
+    def load() -> Loaded:
+        cp = _import("cupy", "CuPy")
+        # is_available() is False when CuPy is installed but no GPU or driver is present.
+        if not cp.is_available():
+            raise BackendUnavailable("CuPy is installed but no CUDA GPU is available")
+        import array_api_compat.cupy as xp
 
-    dev = cp.cuda.Device(0)
+        dev = cp.cuda.Device(index)
 
-    def asarray(a: np.ndarray) -> Any:
-        with dev:
-            return cp.array(a, copy=True)
+        def asarray(a: np.ndarray) -> Any:
+            with dev:
+                return cp.array(a, copy=True)
 
-    def block(a: Any) -> Any:
-        with dev:
-            cp.cuda.get_current_stream().synchronize()
-        return a
+        def block(a: Any) -> Any:
+            with dev:
+                cp.cuda.get_current_stream().synchronize()
+            return a
 
-    return Loaded("cupy", xp, dev, asarray, lambda a: a.get(), block)
+        return Loaded("cupy", xp, dev, asarray, lambda a: a.get(), block)
+
+    return load
 
 
 BACKENDS: dict[str, Backend] = {
@@ -258,12 +270,35 @@ BACKENDS: dict[str, Backend] = {
         Backend("numpy:readonly", False, _numpy(readonly=True)),
         Backend("array_api_strict", False, _array_api_strict(None)),
         Backend("array_api_strict:device1", False, _array_api_strict("device1")),
-        Backend("torch", False, _torch(cuda=False)),
-        Backend("jax", False, _jax(gpu=False)),
+        Backend("torch", False, _torch("cpu")),
+        Backend("jax", False, _jax("cpu")),
         Backend("dask", False, _dask),
-        Backend("cupy", True, _cupy),
-        Backend("torch:cuda", True, _torch(cuda=True)),
-        Backend("jax:gpu", True, _jax(gpu=True)),
+        Backend("cupy", True, _cupy(0)),
+        Backend("torch:cuda", True, _torch("cuda")),
+        Backend("jax:gpu", True, _jax("gpu")),
     )
 }
 """Every backend rnn_xp is tested on, CPU ones first."""
+
+
+def for_run(name: str, device: str | None = None) -> Loaded:
+    """The backend ``rnn-xp run`` and ``rnn-xp train`` use: a library and a device.
+
+    ``device`` is a torch device string (``cuda:1``), a CuPy GPU index, or a JAX
+    platform (``cpu``, ``gpu``); None means the library's default.
+    """
+    if name == "numpy":
+        if device not in (None, "cpu"):
+            raise BackendUnavailable(f"NumPy runs on the CPU only, not on {device!r}")
+        return BACKENDS["numpy"].load()
+    if name == "torch":
+        return _torch(device or "cpu")()
+    if name == "jax":
+        return _jax(device or "cpu")()
+    if name == "cupy":
+        try:
+            index = int(device or 0)
+        except ValueError:
+            raise BackendUnavailable(f"CuPy devices are GPU indices, not {device!r}") from None
+        return _cupy(index)()
+    raise BackendUnavailable(f"unknown backend {name!r}")

@@ -17,6 +17,7 @@ test suite runs both paths on every backend and checks that they agree
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any
 
@@ -175,50 +176,76 @@ def _gru(lib, cell, ax, Wh, bh, state0, reverse, keep):
     return hs.transpose(1, 0, 2), (h.copy(),), saved, h_prev
 
 
-# -- JAX: one lax.scan each way ------------------------------------------------
+# -- JAX: one lax.scan each way, compiled once per cell, shape and dtype ---------
 
 
 def _jax_forward(xp, cell, ax, Wh, bh, state0, mask3, reverse, keep):
-    import jax
-
-    def body(state, inputs):
-        a_t, m = inputs
-        new, saved = cell.step(xp, a_t, state, Wh, bh)
-        if m is None:
-            nxt, out = new, new[0]
-        else:
-            nxt = tuple(xp.where(m, a, b) for a, b in zip(new, state))
-            out = xp.where(m, new[0], 0)
-        return nxt, (out, saved if keep else None, state[0] if keep else None)
-
-    masks = None if mask3 is None else xp.moveaxis(mask3, 1, 0)
-    state, (outs, saved, h_prev) = jax.lax.scan(
-        body, tuple(state0), (xp.moveaxis(ax, 1, 0), masks), reverse=reverse
+    forward_scan, _ = _jax_scans()
+    state, outs, saved, h_prev = forward_scan(
+        ax, Wh, bh, tuple(state0), mask3, cell=cell, reverse=reverse, keep=keep
     )
-    return xp.moveaxis(outs, 0, 1), state, saved, h_prev, True
+    return outs, state, saved, h_prev, True
 
 
 def backward_stacked(xp, cell, tape, douts, dstate):
     """The backward of `_jax_forward`: ``(dax3, dah3, dstate0, h_prev3)``."""
-    import jax
-
-    def body(dstate, inputs):
-        d_t, saved_t, m = inputs
-        dnew = (d_t + dstate[0], *dstate[1:])
-        if m is None:
-            dprev, dax, dah = cell.step_backward(xp, dnew, saved_t, tape.Wh)
-        else:
-            dstep = tuple(xp.where(m, d, 0) for d in dnew)
-            dprev, dax, dah = cell.step_backward(xp, dstep, saved_t, tape.Wh)
-            dprev = tuple(p + xp.where(m, 0, d) for p, d in zip(dprev, dstate))
-        return dprev, (dax, dah)
-
-    masks = None if tape.mask is None else xp.moveaxis(tape.mask, 1, 0)
-    dstate0, (dax, dah) = jax.lax.scan(
-        body,
+    _, backward_scan = _jax_scans()
+    return backward_scan(
+        douts,
         tuple(dstate),
-        (xp.moveaxis(douts, 1, 0), tape.saved, masks),
-        reverse=not tape.reverse,
+        tape.saved,
+        tape.h_prev,
+        tape.mask,
+        tape.Wh,
+        cell=cell,
+        reverse=tape.reverse,
     )
-    move = lambda a: xp.moveaxis(a, 0, 1)  # noqa: E731
-    return move(dax), move(dah), dstate0, move(tape.h_prev)
+
+
+@functools.cache
+def _jax_scans():
+    # jit with the cell and the flags static: a call with the same cell kind,
+    # shapes and dtypes reuses the compiled loop instead of tracing it again.
+    import jax
+    import jax.numpy as jnp
+
+    def forward_scan(ax, Wh, bh, state0, mask3, *, cell, reverse, keep):
+        def body(state, inputs):
+            a_t, m = inputs
+            new, saved = cell.step(jnp, a_t, state, Wh, bh)
+            if m is None:
+                nxt, out = new, new[0]
+            else:
+                nxt = tuple(jnp.where(m, a, b) for a, b in zip(new, state))
+                out = jnp.where(m, new[0], 0)
+            return nxt, (out, saved if keep else None, state[0] if keep else None)
+
+        masks = None if mask3 is None else jnp.moveaxis(mask3, 1, 0)
+        state, (outs, saved, h_prev) = jax.lax.scan(
+            body, state0, (jnp.moveaxis(ax, 1, 0), masks), reverse=reverse
+        )
+        return state, jnp.moveaxis(outs, 0, 1), saved, h_prev
+
+    def backward_scan(douts, dstate, saved, h_prev, mask3, Wh, *, cell, reverse):
+        def body(dstate, inputs):
+            d_t, saved_t, m = inputs
+            dnew = (d_t + dstate[0], *dstate[1:])
+            if m is None:
+                dprev, dax, dah = cell.step_backward(jnp, dnew, saved_t, Wh)
+            else:
+                dstep = tuple(jnp.where(m, d, 0) for d in dnew)
+                dprev, dax, dah = cell.step_backward(jnp, dstep, saved_t, Wh)
+                dprev = tuple(p + jnp.where(m, 0, d) for p, d in zip(dprev, dstate))
+            return dprev, (dax, dah)
+
+        masks = None if mask3 is None else jnp.moveaxis(mask3, 1, 0)
+        dstate0, (dax, dah) = jax.lax.scan(
+            body, dstate, (jnp.moveaxis(douts, 1, 0), saved, masks), reverse=not reverse
+        )
+        move = lambda a: jnp.moveaxis(a, 0, 1)  # noqa: E731
+        return move(dax), move(dah), dstate0, move(h_prev)
+
+    return (
+        jax.jit(forward_scan, static_argnames=("cell", "reverse", "keep")),
+        jax.jit(backward_scan, static_argnames=("cell", "reverse")),
+    )

@@ -54,6 +54,14 @@ class ElmanCell:
             )
         self.nonlinearity = nonlinearity
 
+    # Equal cells compute the same thing: compiled loops keyed on a cell (the JAX
+    # fast path) are then shared between the cells that each call creates.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ElmanCell) and other.nonlinearity == self.nonlinearity
+
+    def __hash__(self) -> int:
+        return hash((ElmanCell, self.nonlinearity))
+
     def activate(self, xp: ModuleType, a: Array) -> Array:
         if self.nonlinearity == "tanh":
             return xp.tanh(a)

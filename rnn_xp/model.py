@@ -176,6 +176,12 @@ class Recurrent:
                 raise ValueError(f"{name}: expected shape {shape}, got {tuple(state[name].shape)}")
         self._params = {name: state[name] for name in shapes}
 
+    def save(self, path: Any, extra: Mapping[str, Array] | None = None) -> None:
+        """Write the model to ``path`` (.npz or .safetensors); see `rnn_xp.io.save`."""
+        from .io import save
+
+        save(self, path, dict(extra or {}))
+
     def train(self, mode: bool = True) -> Recurrent:
         """Set training mode (dropout on); return self."""
         self.training = bool(mode)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rnn_xp import __main__ as cli
-from rnn_xp import bench
+from rnn_xp import bench, cli
 
 
 def test_bench_smoke_prints_every_table(capsys):
