@@ -54,6 +54,27 @@ def cast_back(xp: ModuleType, grads: Sequence[Array | None], like: Sequence[Arra
     ]
 
 
+def check_sequence(
+    gates: int,
+    xs: Array,
+    Wx: Array,
+    Wh: Array,
+    biases: dict[str, Array | None],
+    states: dict[str, Array | None],
+) -> tuple[int, int, int, int]:
+    """Shapes of a sequence function's inputs; return ``(N, T, D, H)``."""
+    D, H = check_weights(Wx, Wh, gates)
+    _checks.check_shape(
+        "xs", xs, [("N", None), ("T", None), ("D", D)], f"to match Wx of shape {tuple(Wx.shape)}"
+    )
+    N, T = xs.shape[0], xs.shape[1]
+    if T < 1:
+        raise ValueError(f"xs: expected at least one time step, got shape {tuple(xs.shape)}")
+    check_states(N, H, f"to match xs {tuple(xs.shape)} and Wh {tuple(Wh.shape)}", **states)
+    check_biases(N, gates * H, **biases)
+    return N, T, D, H
+
+
 def sigmoid(xp: ModuleType, a: Array) -> Array:
     """The logistic function; through tanh, which cannot overflow as exp(-a) can."""
     return 0.5 * (xp.tanh(0.5 * a) + 1)
@@ -143,17 +164,9 @@ def sequence_forward(
 
     With ``inference=True`` nothing is kept for backward and ``cache`` is None.
     """
-    named = {"xs": xs, "Wx": Wx, "Wh": Wh, bias_names[0]: bx, bias_names[1]: bh, **states}
-    xp, dtype, dev = _checks.common(**named)
-    D, H = check_weights(Wx, Wh, cell.gates)
-    _checks.check_shape(
-        "xs", xs, [("N", None), ("T", None), ("D", D)], f"to match Wx of shape {tuple(Wx.shape)}"
-    )
-    N, T = xs.shape[0], xs.shape[1]
-    if T < 1:
-        raise ValueError(f"xs: expected at least one time step, got shape {tuple(xs.shape)}")
-    check_states(N, H, f"to match xs {tuple(xs.shape)} and Wh {tuple(Wh.shape)}", **states)
-    check_biases(N, cell.gates * H, **{bias_names[0]: bx, bias_names[1]: bh})
+    biases = {bias_names[0]: bx, bias_names[1]: bh}
+    xp, dtype, dev = _checks.common(xs=xs, Wx=Wx, Wh=Wh, **biases, **states)
+    N, _, _, H = check_sequence(cell.gates, xs, Wx, Wh, biases, states)
 
     xs_, Wx_, Wh_, bx_, bh_, *states_ = cast(xp, dtype, xs, Wx, Wh, bx, bh, *states.values())
     state0 = tuple(zeros(xp, (N, H), dtype, dev) if s is None else s for s in states_)

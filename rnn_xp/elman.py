@@ -22,7 +22,15 @@ from typing import Any
 
 from . import _checks, _scan
 from ._backends import zeros
-from ._layer import Layer, cast, cast_back, check_biases, check_states, check_weights
+from ._layer import (
+    Layer,
+    cast,
+    cast_back,
+    check_biases,
+    check_sequence,
+    check_states,
+    check_weights,
+)
 
 Array = Any
 """Any array of a library that array-api-compat supports."""
@@ -185,15 +193,7 @@ def _check_sequence(
     xs: Array, Wx: Array, Wh: Array, b: Array | None, h0: Array | None, **more: Array | None
 ) -> tuple[ModuleType, Any, Any, int, int, int]:
     xp, dtype, dev = _checks.common(xs=xs, Wx=Wx, Wh=Wh, b=b, h0=h0, **more)
-    D, H = check_weights(Wx, Wh, 1)
-    _checks.check_shape(
-        "xs", xs, [("N", None), ("T", None), ("D", D)], f"to match Wx of shape {(D, H)}"
-    )
-    N, T = xs.shape[0], xs.shape[1]
-    if T < 1:
-        raise ValueError(f"xs: expected at least one time step, got shape {tuple(xs.shape)}")
-    check_states(N, H, f"to match xs {tuple(xs.shape)} and Wh {(H, H)}", h0=h0)
-    check_biases(N, H, b=b)
+    N, T, _, H = check_sequence(1, xs, Wx, Wh, {"b": b}, {"h0": h0})
     return xp, dtype, dev, N, T, H
 
 
