@@ -45,6 +45,22 @@ def common(**arrays: Any) -> tuple[ModuleType, Any, Any]:
     return xp, xp.result_type(*given.values()), dev
 
 
+def real_floating(**arrays: Any) -> None:
+    """Each array (of any library, each by its own namespace) is real floating."""
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        if type(a) in (bool, int, float, complex):
+            raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+        if not is_array_api_obj(a):
+            got = f"{type(a).__module__}.{type(a).__name__}"
+            raise TypeError(f"{name}: expected an array, got {got}")
+        if not _real_floating(array_namespace(a), a.dtype):
+            raise TypeError(
+                f"{name}: expected a real floating dtype (float32 or float64), got {a.dtype}"
+            )
+
+
 def _real_floating(xp: ModuleType, dtype: Any) -> bool:
     # isdtype costs microseconds on NumPy; a call checks several arrays and
     # dtypes repeat, so remember the answers (dtypes of every supported

@@ -20,7 +20,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import _checks, _scan
+from . import _checks, _fastpath, _scan
 from ._backends import zeros
 from ._layer import (
     Layer,
@@ -30,6 +30,7 @@ from ._layer import (
     check_sequence,
     check_states,
     check_weights,
+    result_dtype,
 )
 
 Array = Any
@@ -233,12 +234,34 @@ def rnn_forward(
     steps are collected and stacked, never written into a buffer.
     """
     cell = ElmanCell(nonlinearity)
+    # A 2-D bias of N rows belongs to the sequences: it is split with them.
+    b_rows = b is not None and getattr(b, "ndim", 0) == 2 and b.shape[0] != 1
+
+    def outputs():
+        _checks.real_floating(xs=xs, Wx=Wx, Wh=Wh, b=b, h0=h0)
+        _, T, _, H = check_sequence(1, xs, Wx, Wh, {"b": b}, {"h0": h0})
+        return [(0, (None, T, H), result_dtype(xs, Wx, Wh, b, h0))]
+
+    try:  # Dask: each batch chunk runs this same function where it lives
+        (hs,) = _fastpath.on_dask_chunks(
+            _rnn_chunk,
+            {"xs": (xs, 0), "h0": (h0, 0), "b": (b if b_rows else None, 0)},
+            outputs,
+            {"Wx": Wx, "Wh": Wh, "b_whole": None if b_rows else b, "nonlinearity": nonlinearity},
+        )
+        return hs, hs[:, -1, :]
+    except NotImplementedError:
+        pass
     xp, dtype, dev, N, _, H = _check_sequence(xs, Wx, Wh, b, h0)
     xs, Wx, Wh, b, h0 = cast(xp, dtype, xs, Wx, Wh, b, h0)
     h0 = zeros(xp, (N, H), dtype, dev) if h0 is None else h0
     # rnn_backward rebuilds everything it needs from hs: no tape to keep.
     hs, (h_n,), _ = _scan.forward(xp, cell, xs, Wx, Wh, b, None, (h0,), keep_tape=False)
     return hs, h_n
+
+
+def _rnn_chunk(xs, Wx, Wh, b_whole, nonlinearity, h0=None, b=None):
+    return rnn_forward(xs, Wx, Wh, b_whole if b is None else b, h0, nonlinearity=nonlinearity)[0]
 
 
 def rnn_backward(

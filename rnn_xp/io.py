@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ._backends import asarray
-from .model import MODES, Recurrent
+from .model import MODES, Recurrent, _dtype_name
 
 __all__ = ["infer_config", "load", "load_extra", "load_torch", "save"]
 
@@ -47,15 +47,6 @@ def _config(model: Recurrent) -> dict[str, Any]:
         "dropout": model.dropout,
         "dtype": _dtype_name(model._dtype),
     }
-
-
-def _dtype_name(dtype: Any) -> str:
-    # str() of a dtype differs by library (float32, torch.float32, a jax class).
-    text = str(dtype)
-    for name in ("float64", "float32", "float16", "bfloat16"):
-        if name in text:
-            return name
-    raise TypeError(f"dtype: cannot name {dtype!r}")
 
 
 def _to_numpy(a: Any) -> np.ndarray:

@@ -10,6 +10,7 @@ shares (`rnn_xp._scan`); nothing here depends on the array library.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -17,9 +18,9 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device
 
-from . import _checks, _scan
+from . import _checks, _fastpath, _scan
 from ._backends import arange, asarray, zeros
-from ._layer import cast
+from ._layer import cast, result_dtype
 from .elman import ElmanCell
 from .gru import GRUCell
 from .lstm import LSTMCell
@@ -251,6 +252,14 @@ class Recurrent:
         """
         lstm = isinstance(self.cell, LSTMCell)
         h0, c0 = self._split_state("h0", h0, lstm)
+        dropout = self.training and self.dropout > 0 and self.num_layers > 1
+        if inference and not dropout:
+            try:  # Dask: each batch chunk runs this same method where it lives
+                result = self._forward_on_chunks(xs, h0, c0, lengths, mask, lstm)
+                self._cache = None
+                return result
+            except NotImplementedError:
+                pass
         first = self._names(0, 0)[0]
         xp, dtype, dev = _checks.common(xs=xs, h0=h0, c0=c0, **{first: self._params[first]})
         H, S = self.hidden_size, self.num_layers * self.num_directions
@@ -303,6 +312,49 @@ class Recurrent:
         out = self._batch_major(xp, x)
         h_n = xp.stack(h_n, axis=0)
         return (out, (h_n, xp.stack(c_n, axis=0))) if lstm else (out, h_n)
+
+    def _forward_on_chunks(self, xs, h0, c0, lengths, mask, lstm):
+        axis = 0 if self.batch_first else 1
+        H = self.hidden_size
+        F, S = self.num_directions * H, self.num_layers * self.num_directions
+        light = copy.copy(self)  # what each task receives: parameters, no cache
+        light._cache, light.grads, light.dh0, light.dc0 = None, None, None, None
+
+        def outputs():
+            _checks.real_floating(xs=xs, h0=h0, c0=c0)
+            spec = [("N", None), ("T", None), ("D", self.input_size)]
+            _checks.check_shape(
+                "xs", xs, spec if self.batch_first else [spec[1], spec[0], spec[2]]
+            )
+            T = xs.shape[1 - axis]
+            dtype = result_dtype(xs, self._params[self._names(0, 0)[0]], h0, c0)
+            out = [(axis, (None, T, F) if self.batch_first else (T, None, F), dtype)]
+            return out + [(1, (S, None, H), dtype)] * (2 if lstm else 1)
+
+        out, *states = _fastpath.on_dask_chunks(
+            _model_chunk,
+            {
+                "xs": (xs, axis),
+                "h0": (h0, 1),
+                "c0": (c0, 1),
+                "lengths": (lengths, 0),
+                "mask": (mask, 0),
+            },
+            outputs,
+            {"model": light},
+        )
+        return out, (tuple(states) if lstm else states[0])
+
+    def _on(self, xp: ModuleType, dev: Any) -> Recurrent:
+        """A copy whose parameters are arrays of ``xp`` on ``dev`` (no copy if already)."""
+        if xp is self._xp:
+            return self
+        twin = copy.copy(self)
+        twin._xp, twin._device, twin._dtype = xp, dev, getattr(xp, _dtype_name(self._dtype))
+        twin._params = {
+            k: asarray(xp, np.asarray(v), twin._dtype, dev) for k, v in self._params.items()
+        }
+        return twin
 
     def _split_state(self, name: str, state: Any, lstm: bool) -> tuple[Array | None, Array | None]:
         if state is None:
@@ -448,6 +500,23 @@ class Recurrent:
         self.dc0 = xp.stack(dc0, axis=0) if lstm else None
         dxs = self._batch_major(xp, d)
         return dxs if dxs.dtype == c["xs"].dtype else xp.astype(dxs, c["xs"].dtype)
+
+
+def _dtype_name(dtype: Any) -> str:
+    # str() of a dtype differs by library (float32, torch.float32, a jax class).
+    text = str(dtype)
+    for name in ("float64", "float32", "float16", "bfloat16"):
+        if name in text:
+            return name
+    raise TypeError(f"dtype: cannot name {dtype!r}")
+
+
+def _model_chunk(xs, model, h0=None, c0=None, lengths=None, mask=None):
+    """One batch chunk of a Dask input, run by the same `Recurrent.forward`."""
+    m = model._on(array_namespace(xs), device(xs))
+    state = (h0, c0) if h0 is not None and c0 is not None else h0
+    out, h_n = m.forward(xs, state, lengths, mask, inference=True)
+    return (out, *h_n) if isinstance(h_n, tuple) else (out, h_n)
 
 
 def from_torch(module: Any, like: Array | None = None) -> Recurrent:
