@@ -188,7 +188,15 @@ def sequence_forward(
                 _sequence_chunk,
                 {"xs": (xs, 0), **{k: (s, 0) for k, s in states.items()}},
                 outputs,
-                {"cell": cell, "Wx": Wx, "Wh": Wh, "bx": bx, "bh": bh, "names": bias_names},
+                {
+                    "cell": cell,
+                    "Wx": Wx,
+                    "Wh": Wh,
+                    "bx": bx,
+                    "bh": bh,
+                    "names": bias_names,
+                    "state_names": tuple(states),
+                },
             )
             return hs, tuple(state_n), None
         except NotImplementedError:
@@ -207,7 +215,8 @@ def sequence_forward(
     return hs, state_n, SequenceCache(tape, inputs)
 
 
-def _sequence_chunk(xs, cell, Wx, Wh, bx, bh, names, **states):
+def _sequence_chunk(xs, cell, Wx, Wh, bx, bh, names, state_names, **states):
+    states = {k: states.get(k) for k in state_names}  # omitted ones were not sent
     hs, state_n, _ = sequence_forward(cell, xs, Wx, Wh, bx, bh, states, names, inference=True)
     return (hs, *state_n)
 

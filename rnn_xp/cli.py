@@ -8,19 +8,13 @@ Subcommands: ``check`` (the default), ``bench``, ``init``, ``convert``, ``run`` 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numpy as np
-
-from ._backends import BackendUnavailable, for_run
+from ._backends import BackendUnavailable
+from .batch import BatchError, backend_for
 from .model import MODES, Recurrent
-
-EXTRAS = {"numpy": None, "torch": "torch", "jax": "jax", "cupy": "cuda12"}
 
 
 class CLIError(Exception):
@@ -68,6 +62,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1024, metavar="B")
     p.add_argument("--lengths", default=None, metavar="L.npy")
     p.add_argument("--state-out", default=None, metavar="S.npy")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="run on this dask.distributed scheduler (tcp://host:8786)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        metavar="K",
+        help="run on a local Dask cluster of K worker processes",
+    )
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("train", help="train a character-level LSTM on a bundled text")
@@ -100,24 +107,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"init": init, "convert": convert, "run": run, "train": train}[args.command](args)
-    except (CLIError, BackendUnavailable, FileNotFoundError, ValueError, TypeError) as exc:
+    except (
+        CLIError,
+        BatchError,
+        BackendUnavailable,
+        FileNotFoundError,
+        ValueError,
+        TypeError,
+    ) as exc:
         print(f"rnn-xp: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rnn-xp: interrupted", file=sys.stderr)
         return 130
-
-
-def _backend(name: str, device: str | None):
-    if name not in EXTRAS:
-        raise CLIError(f"--backend: expected one of {', '.join(EXTRAS)}, got {name!r}")
-    try:
-        return for_run(name, device)
-    except BackendUnavailable as exc:
-        hint = f"; pip install 'rnn-xp[{EXTRAS[name]}]'" if EXTRAS[name] else ""
-        if name == "cupy":
-            hint += " (or [cuda13] for CUDA 13)"
-        raise CLIError(f"--backend {name}: {exc}{hint}") from None
 
 
 def init(args: argparse.Namespace) -> int:
@@ -157,93 +159,41 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_npy(path: str, what: str) -> np.ndarray:
-    if not Path(path).is_file():
-        raise CLIError(f"{what}: no such file {path!r}")
-    try:
-        a = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        raise CLIError(f"{what}: {path!r} is not a numeric .npy file ({exc})") from None
-    if not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf":
-        raise CLIError(f"{what}: {path!r} is not a numeric .npy file (dtype {a.dtype})")
-    return a
-
-
-def _write_atomically(path: str, shape: tuple, dtype: np.dtype):
-    """A memory-mapped .npy under a temporary name, and the function that completes it."""
-    target = Path(path)
-    tmp = target.with_name(target.name + ".partial")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-
-    def finish() -> None:
-        out.flush()
-        os.replace(tmp, target)
-
-    return out, finish
-
-
 def run(args: argparse.Namespace) -> int:
-    from .io import _dtype_name, load
+    from . import batch
 
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size: expected a positive integer, got {args.batch_size}")
-    backend = _backend(args.backend, args.device)
-    xs = _load_npy(args.input, "--input")
-    head = load(args.weights)  # NumPy: sizes and dtype, before touching the device
-    D = head.input_size
-    if xs.ndim != 3 or xs.shape[2] != D:
-        raise CLIError(
-            f"--input: expected shape (N, T, D={D}) for weights {args.weights!r} "
-            f"(input_size {D}), got {xs.shape}"
-        )
-    N, T = xs.shape[0], xs.shape[1]
-    lengths = None
-    if args.lengths is not None:
-        lengths = _load_npy(args.lengths, "--lengths")
-        if lengths.shape != (N,) or lengths.dtype.kind not in "iu":
-            raise CLIError(
-                f"--lengths: expected integers of shape (N={N},), "
-                f"got {lengths.dtype} {lengths.shape}"
-            )
-    dtype = args.dtype or _dtype_name(head._dtype)
-    like = backend.asarray(np.zeros(1, dtype=dtype))
-    model = load(args.weights, like=like)
-    model.batch_first = True  # the files are batch-major whatever the model was trained with
-    F = model.hidden_size * model.num_directions
-    S = model.num_layers * model.num_directions
-    lstm = model.mode == "lstm"
+    job = batch.prepare(
+        args.weights,
+        args.input,
+        args.out,
+        batch_size=args.batch_size,
+        lengths=args.lengths,
+        state_out=args.state_out,
+        dtype=args.dtype,
+        backend=args.backend,
+        device=args.device,
+    )
+    bar = _progress(job.N, "sequences", disable=args.no_progress)
+    if args.scheduler is None and args.workers is None:
+        batch.run_file(job, progress=bar.update)
+    else:
+        from distributed import Client, LocalCluster
 
-    ys, finish_ys = _write_atomically(args.out, (N, T, F), np.dtype(dtype))
-    if args.state_out:
-        state_shape = (2, S, N, model.hidden_size) if lstm else (S, N, model.hidden_size)
-        states, finish_states = _write_atomically(args.state_out, state_shape, np.dtype(dtype))
-
-    def fetch(start: int):
-        stop = min(start + args.batch_size, N)
-        x = backend.asarray(np.asarray(xs[start:stop], dtype=dtype))
-        n = None if lengths is None else backend.asarray(np.asarray(lengths[start:stop]))
-        return start, stop, x, n
-
-    bar = _progress(N, "sequences", disable=args.no_progress)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        # Read (and move to the device) the next chunk while this one computes.
-        pending = pool.submit(fetch, 0)
-        while pending is not None:
-            start, stop, x, n = pending.result()
-            pending = pool.submit(fetch, stop) if stop < N else None
-            out, h_n = model.forward(x, lengths=n, inference=True)
-            ys[start:stop] = backend.to_numpy(out)
-            if args.state_out:
-                if lstm:
-                    states[0, :, start:stop] = backend.to_numpy(h_n[0])
-                    states[1, :, start:stop] = backend.to_numpy(h_n[1])
-                else:
-                    states[:, start:stop] = backend.to_numpy(h_n)
-            bar.update(stop - start)
+        if args.scheduler is not None:
+            with Client(args.scheduler) as client:
+                batch.run_file_distributed(job, client, progress=bar.update)
+        else:
+            with (
+                LocalCluster(
+                    n_workers=args.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                ) as cluster,
+                Client(cluster) as client,
+            ):
+                batch.run_file_distributed(job, client, progress=bar.update)
     bar.close()
-    finish_ys()
-    if args.state_out:
-        finish_states()
     return 0
 
 
@@ -256,7 +206,7 @@ def _progress(total: int | None, unit: str, disable: bool):
 def train(args: argparse.Namespace) -> int:
     from .train import train_char_lm
 
-    backend = _backend(args.backend, args.device)
+    backend = backend_for(args.backend, args.device)
     if args.plot is not None:
         try:
             import matplotlib
