@@ -151,11 +151,11 @@ def backward(
     xs, Wx, Wh, bx, bh, h_prev = tape.xs, tape.Wx, tape.Wh, tape.bx, tape.bh, tape.h_prev
     N, T, D = xs.shape
     zero = zeros_like(xp, douts[:, 0, :])
-    dstate = tuple(zero if d is None else d for d in dstate_n)
     if tape.stacked:
+        dstate = tuple(zero if d is None else d for d in dstate_n)
         dax3, dah3, dstate, h_prev3 = _fastpath.backward_stacked(xp, cell, tape, douts, dstate)
     else:
-        dax3, dah3, dstate = _backward_loop(xp, cell, tape, douts, dstate, zero)
+        dax3, dah3, dstate = _backward_loop(xp, cell, tape, douts, dstate_n, zero)
         h_prev3 = xp.stack(h_prev, axis=1)
 
     G = Wx.shape[1]
@@ -174,8 +174,12 @@ def _backward_loop(xp, cell, tape, douts, dstate, zero):
     saved, mask3, reverse = tape.saved, tape.mask, tape.reverse
     T = douts.shape[1]
     dax, dah = [None] * T, [None] * T
+    # The last step's h gradient is only douts when dh_n was omitted: no zero to add.
+    h_given = dstate[0] is not None
+    dstate = tuple(zero if d is None else d for d in dstate)
     for t in range(T) if reverse else reversed(range(T)):
-        dnew = (douts[:, t, :] + dstate[0], *dstate[1:])
+        dnew = (douts[:, t, :] + dstate[0] if h_given else douts[:, t, :], *dstate[1:])
+        h_given = True
         if mask3 is None:
             dstate, dax[t], dah[t] = cell.step_backward(xp, dnew, saved[t], tape.Wh)
         else:
@@ -185,4 +189,7 @@ def _backward_loop(xp, cell, tape, douts, dstate, zero):
             # A masked step passed the state through (and output a constant
             # zero): the state's gradient passes back through it unchanged.
             dstate = tuple(p + xp.where(m, zero, d) for p, d in zip(dprev, dstate))
-    return xp.stack(dax, axis=1), xp.stack(dah, axis=1), dstate
+    dax3 = xp.stack(dax, axis=1)
+    # Elman and LSTM steps return one array as both: stack it once.
+    same = all(a is b for a, b in zip(dax, dah))
+    return dax3, dax3 if same else xp.stack(dah, axis=1), dstate
