@@ -134,10 +134,14 @@ def init(args: argparse.Namespace) -> int:
         seed=args.seed,
         dtype=args.dtype,
     )
-    model.save(args.out)
+    return _save(model, args.out)
+
+
+def _save(model: Recurrent, path: str) -> int:
+    model.save(path)
     print(
-        f"wrote {args.out}: {args.mode}, D={args.input_size}, H={args.hidden_size}, "
-        f"{args.num_layers} layer(s){', bidirectional' if args.bidirectional else ''}"
+        f"wrote {path}: {model.mode}, D={model.input_size}, H={model.hidden_size}, "
+        f"{model.num_layers} layer(s){', bidirectional' if model.bidirectional else ''}"
     )
     return 0
 
@@ -151,12 +155,7 @@ def convert(args: argparse.Namespace) -> int:
         raise CLIError(
             "convert needs PyTorch to read a .pt file; pip install 'rnn-xp[torch]'"
         ) from None
-    model.save(args.target)
-    print(
-        f"wrote {args.target}: {model.mode}, D={model.input_size}, H={model.hidden_size}, "
-        f"{model.num_layers} layer(s){', bidirectional' if model.bidirectional else ''}"
-    )
-    return 0
+    return _save(model, args.target)
 
 
 def run(args: argparse.Namespace) -> int:
