@@ -66,7 +66,7 @@ def problem(kind: str, N: int, T: int, D: int, H: int, dtype: str, seed: int = 0
 
 
 # -- contenders ----------------------------------------------------------------
-# Each returns {label: (callable, with_backward)} for one kind and problem.
+# Each returns {(label, with_backward): callable} for one kind and problem.
 
 
 def _forward_backward(kind: str, a: dict, backward: bool, inference: bool = False):
@@ -114,13 +114,13 @@ def limit(kind: str, a: dict) -> dict:
         np.matmul(hp2.T, dt2, out=dWh)
         np.matmul(dt2, WxT, out=dx2)
 
-    return {"limit": (forward, False), "limit ": (forward_backward, True)}
+    return {("limit", False): forward, ("limit", True): forward_backward}
 
 
 def rnn_xp_numpy(kind: str, a: dict) -> dict:
     return {
-        "rnn_xp numpy": (lambda: _forward_backward(kind, a, False, inference=True), False),
-        "rnn_xp numpy ": (lambda: _forward_backward(kind, a, True), True),
+        ("rnn_xp numpy", False): lambda: _forward_backward(kind, a, False, inference=True),
+        ("rnn_xp numpy", True): lambda: _forward_backward(kind, a, True),
     }
 
 
@@ -139,7 +139,7 @@ def notebook(kind: str, a: dict) -> dict:
             hs[:, t, :] = h
         return hs
 
-    return {"notebook": (run, False)}
+    return {("notebook", False): run}
 
 
 def torch_nn(kind: str, a: dict, device: str = "cpu") -> dict:
@@ -166,7 +166,7 @@ def torch_nn(kind: str, a: dict, device: str = "cpu") -> dict:
         sync()
 
     label = "torch.nn" if device == "cpu" else "torch.nn cudnn"
-    return {label: (forward, False), label + " ": (forward_backward, True)}
+    return {(label, False): forward, (label, True): forward_backward}
 
 
 def rnn_xp_torch(kind: str, a: dict, device: str = "cpu") -> dict:
@@ -184,7 +184,7 @@ def rnn_xp_torch(kind: str, a: dict, device: str = "cpu") -> dict:
         return f
 
     label = "rnn_xp torch" if device == "cpu" else "rnn_xp torch cuda"
-    return {label: (run(False), False), label + " ": (run(True), True)}
+    return {(label, False): run(False), (label, True): run(True)}
 
 
 def rnn_xp_jax(kind: str, a: dict) -> dict:
@@ -195,8 +195,8 @@ def rnn_xp_jax(kind: str, a: dict) -> dict:
     fwd = jax.jit(lambda arrays: _forward_backward(kind, arrays, False, inference=True))
     both = jax.jit(lambda arrays: _forward_backward(kind, arrays, True))
     return {
-        "rnn_xp jax": (lambda: jax.block_until_ready(fwd(j)), False),
-        "rnn_xp jax ": (lambda: jax.block_until_ready(both(j)), True),
+        ("rnn_xp jax", False): lambda: jax.block_until_ready(fwd(j)),
+        ("rnn_xp jax", True): lambda: jax.block_until_ready(both(j)),
     }
 
 
@@ -212,7 +212,7 @@ def rnn_xp_cupy(kind: str, a: dict) -> dict:
 
         return f
 
-    return {"rnn_xp cupy": (run(False), False), "rnn_xp cupy ": (run(True), True)}
+    return {("rnn_xp cupy", False): run(False), ("rnn_xp cupy", True): run(True)}
 
 
 CPU_CONTENDERS: list[Callable] = [
@@ -270,19 +270,17 @@ def table(
             notes.append(f"{make.__name__}: skipped ({exc})")
             continue
         fns.update(found)
-    timings = best_of({k: f for k, (f, _) in fns.items()}, rounds, budget_s)
+    timings = best_of(fns, rounds, budget_s)
     lines = [f"\n{kind}  N={size[0]} T={size[1]} D={size[2]} H={size[3]}  {dtype}"]
     head = f"{'best ms':>10}{'GFLOP/s':>10}{'/limit':>9}{'/torch.nn':>11}"
     lines.append(f"  {'contender':<22}{'pass':<9}{head}")
-    for label, (_, backward) in fns.items():
-        key = " " if backward else ""
-        ref = {k.strip(): timings[k] for k in timings if k.endswith(" ") == backward}
+    for (label, backward), t in timings.items():
+        ref = {name: timings[name, b] for name, b in timings if b == backward}
         lim = ref.get("limit") or ref.get("rnn_xp cupy")
         peer = ref.get("torch.nn") or ref.get("torch.nn cudnn")
-        t = timings[label]
         gf = flops(kind, *size, backward) / t / 1e9
         lines.append(
-            f"  {label.strip():<22}{'fwd+bwd' if key else 'fwd':<9}{1e3 * t:>10.3f}{gf:>10.1f}"
+            f"  {label:<22}{'fwd+bwd' if backward else 'fwd':<9}{1e3 * t:>10.3f}{gf:>10.1f}"
             f"{t / lim if lim else float('nan'):>9.2f}{t / peer if peer else float('nan'):>11.2f}"
         )
     lines += [f"  note: {n}" for n in notes]
