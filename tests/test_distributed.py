@@ -152,38 +152,25 @@ def _catch(errors, fn, *args):
 
 
 def test_cli_runs_on_a_local_cluster(job_files):
-    import subprocess
-    import sys
+    from tests.test_cli import rnn_xp_cmd
 
     tmp = job_files
     batch.run_file(make_job(tmp, "local.npy", batch_size=600))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RNN_XP_")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rnn_xp",
-            "run",
-            "--weights",
-            "w.npz",
-            "--input",
-            "x.npy",
-            "--out",
-            "y.npy",
-            "--lengths",
-            "l.npy",
-            "--batch-size",
-            "100",
-            "--workers",
-            "2",
-            "--no-progress",
-        ],
+    rnn_xp_cmd(
+        "run",
+        "--weights",
+        "w.npz",
+        "--input",
+        "x.npy",
+        "--out",
+        "y.npy",
+        "--lengths",
+        "l.npy",
+        "--batch-size",
+        "100",
+        "--workers",
+        "2",
+        "--no-progress",
         cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
     )
-    assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(np.load(tmp / "y.npy"), np.load(tmp / "local.npy"))
