@@ -49,6 +49,11 @@ def _on(xp: ModuleType, device: Any) -> AbstractContextManager:
     return device if is_cupy_namespace(xp) and device is not None else nullcontext()
 
 
+def on_device_of(xp: ModuleType, a: Any) -> AbstractContextManager:
+    """The context in which new arrays of ``xp`` land on ``a``'s device."""
+    return a.device if is_cupy_namespace(xp) else nullcontext()
+
+
 def zeros(xp: ModuleType, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
     """``xp.zeros(shape, dtype=dtype, device=device)``, honoured on CuPy too."""
     with _on(xp, device):

@@ -7,7 +7,7 @@ problems raise `TypeError`. Nothing here copies or modifies an input.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -29,10 +29,7 @@ def common(**arrays: Any) -> tuple[ModuleType, Any, Any]:
     result type of all the arrays, which must be real floating.
     """
     given = {name: a for name, a in arrays.items() if a is not None}
-    try:
-        xp = array_namespace(*given.values())
-    except TypeError:
-        _raise_namespace_error(given)
+    xp = _namespace(given)
     for name, a in given.items():
         # array_namespace lets Python scalars through; an RNN input never is one.
         if type(a) in (bool, int, float, complex):
@@ -77,6 +74,26 @@ def _real_floating(xp: ModuleType, dtype: Any) -> bool:
 _REAL_FLOATING: dict = {}
 
 
+def _namespace(given: dict[str, Any]) -> ModuleType:
+    # The namespace array_namespace infers depends only on the arrays' types,
+    # and inferring it costs microseconds per array: remember it per tuple of
+    # types (a failure is never cached, and raises with the argument's name).
+    key = tuple(map(type, given.values()))
+    try:
+        return _NAMESPACES[key]
+    except KeyError:
+        pass
+    try:
+        xp = array_namespace(*given.values())
+    except TypeError:
+        _raise_namespace_error(given)
+    _NAMESPACES[key] = xp
+    return xp
+
+
+_NAMESPACES: dict = {}
+
+
 def _raise_namespace_error(given: dict[str, Any]) -> None:
     first_name = first_xp = None
     for name, a in given.items():
@@ -102,7 +119,7 @@ def _common_device(given: dict[str, Any]) -> Any:
     # they neither set nor contradict the device of the call.
     first_name = first_dev = None
     for name, a in given.items():
-        dev = device(a)
+        dev = _device_of(a)
         if dev is None:
             continue
         if first_dev is None:
@@ -116,20 +133,37 @@ def _common_device(given: dict[str, Any]) -> Any:
     return first_dev
 
 
+def _device_of(a: Any) -> Any:
+    # The standard's ``array.device`` attribute is the cheap answer;
+    # array_api_compat's device() covers the arrays that lack it (Dask, NumPy
+    # 1.x, JAX tracers, whose attribute lookup fails) or have a method instead.
+    dev = getattr(a, "device", None)
+    return device(a) if dev is None or callable(dev) else dev
+
+
 def _format(spec: Sequence[tuple[str, int | None]]) -> str:
     dims = [label if size is None else f"{label}={size}" for label, size in spec]
     return "(" + ", ".join(dims) + (",)" if len(dims) == 1 else ")")
 
 
-def check_shape(name: str, a: Any, spec: Sequence[tuple[str, int | None]], why: str = "") -> None:
+def check_shape(
+    name: str,
+    a: Any,
+    spec: Sequence[tuple[str, int | None]],
+    why: str | Callable[[], str] = "",
+) -> None:
     """Check that ``a`` has ``len(spec)`` axes whose sizes match ``spec``.
 
     ``spec`` is a sequence of ``(label, size)``; a size of None accepts any size.
+    ``why`` explains where the sizes come from; a callable is only called to
+    build the message of a failure, which keeps a passing check cheap.
     """
     shape = tuple(a.shape)
-    if len(shape) != len(spec) or any(
-        size is not None and got != size for (_, size), got in zip(spec, shape)
-    ):
+    ok = len(shape) == len(spec)
+    for (_, size), got in zip(spec, shape):
+        ok = ok and (size is None or got == size)
+    if not ok:
+        why = why() if callable(why) else why
         why = f" {why}" if why else ""
         raise ValueError(f"{name}: expected shape {_format(spec)}{why}, got {shape}")
 

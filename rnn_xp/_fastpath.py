@@ -6,10 +6,15 @@ comes from. Each function here either does the whole job or raises
 test suite runs both paths on every backend and checks that they agree
 (``tests/test_fastpath.py``).
 
-* NumPy and CuPy, no mask: the forward loop writes into preallocated buffers
-  with ``out=`` (``matmul``, ``tanh``, in-place gate arithmetic), so a step
-  allocates nothing and the outputs are never copied into a stacked array.
-  Inference keeps only the input projection, the output and O(N*H) scratch.
+* NumPy, CuPy and torch (when autograd is not recording), no mask: the
+  forward loop writes into preallocated buffers with ``out=`` (``matmul``,
+  ``tanh``, in-place gate arithmetic), so a step allocates nothing and the
+  outputs are never copied into a stacked array. The Elman loop works in a
+  time-major copy of the input projection, so every step's slice is
+  contiguous, and each output overwrites its own projection. torch adds the
+  recurrent product inside the matrix product (``addmm``). When the initial
+  state is zero, the first step's recurrent product is skipped. Inference
+  keeps only the input projection, the output and O(N*H) scratch.
 * JAX, with or without a mask: forward and backward are each one
   ``jax.lax.scan`` over the cells' own ``step`` and ``step_backward``, so the
   loop is traced once, and compile time under ``jax.jit`` does not grow with T.
@@ -21,53 +26,154 @@ import functools
 from types import ModuleType
 from typing import Any
 
-from array_api_compat import device, is_cupy_namespace, is_jax_namespace, is_numpy_namespace
+from array_api_compat import (
+    device,
+    is_array_api_obj,
+    is_cupy_namespace,
+    is_dask_array,
+    is_jax_namespace,
+    is_numpy_array,
+    is_numpy_namespace,
+    is_torch_namespace,
+)
 
-from ._backends import _on
+from ._backends import on_device_of
 
 DISABLED = False
 """Set to True to force the generic loop everywhere (the tests compare both)."""
 
 
-def _library(xp: ModuleType) -> ModuleType:
-    """The bare NumPy or CuPy module behind ``xp``, whose functions take ``out=``."""
-    if DISABLED or not (is_numpy_namespace(xp) or is_cupy_namespace(xp)):
+def _library(xp: ModuleType, *arrays) -> Any:
+    """What the fused loops call: the NumPy or CuPy module, or `_TorchOps`.
+
+    NotImplementedError for other libraries, and for torch tensors that
+    autograd is recording (in-place writes would cut its graph).
+    """
+    if DISABLED:
         raise NotImplementedError
     if is_numpy_namespace(xp):
         import numpy as lib
-    else:
+    elif is_cupy_namespace(xp):
         import cupy as lib
+    elif is_torch_namespace(xp):
+        import torch
+
+        if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arrays):
+            raise NotImplementedError
+        return _TorchOps(torch, arrays[0].device)
+    else:
+        raise NotImplementedError
     return lib
 
 
-def project(xp: ModuleType, xs, Wx, bx):
-    """``xs @ Wx + bx`` (N, T, G) with the bias added in place into the product."""
-    lib = _library(xp)
-    N, T, D = xs.shape
-    with _on(xp, device(xs)):
-        ax = lib.matmul(xs.reshape(N * T, D), Wx).reshape(N, T, Wx.shape[1])
-        if bx is not None:
-            lib.add(ax, bx[:, None, :] if bx.ndim == 2 else bx, out=ax)
-    return ax
+class _TorchOps:
+    """The NumPy functions the fused loops use, with NumPy's signatures, on torch."""
+
+    def __init__(self, torch: ModuleType, device: Any) -> None:
+        self.matmul, self.add, self.multiply = torch.matmul, torch.add, torch.mul
+        self.subtract, self.tanh, self.copy = torch.sub, torch.tanh, torch.clone
+        self.addmm = torch.addmm
+        self._torch, self._device = torch, device
+
+    def empty(self, shape, dtype):
+        return self._torch.empty(shape, dtype=dtype, device=self._device)
+
+    def maximum(self, a, value, out):
+        return self._torch.clamp_min(a, value, out=out)
+
+    def copyto(self, dst, src) -> None:
+        dst.copy_(src) if isinstance(src, self._torch.Tensor) else dst.fill_(src)
+
+    @staticmethod
+    def transpose(a, axes):
+        return a.permute(axes)
+
+
+def forward_fused(
+    xp: ModuleType,
+    cell: Any,
+    xs,
+    Wx,
+    bx,
+    Wh,
+    bh,
+    state0,
+    mask3,
+    reverse: bool,
+    keep: bool,
+    zero_state: bool,
+):
+    """``(outs, state_n, saved, h_prev)`` of one direction, input projection included.
+
+    NumPy and CuPy without a mask only; NotImplementedError before any work
+    otherwise. ``zero_state`` says that ``state0`` is all zeros, so the first
+    step's recurrent product is skipped.
+    """
+    if mask3 is not None:
+        raise NotImplementedError
+    lib = _library(xp, xs, Wx, bx, Wh, bh, *state0)
+    loop = {"elman": _elman, "lstm": _lstm, "gru": _gru}[cell.kind]
+    with on_device_of(xp, xs):
+        return loop(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state)
 
 
 def forward(xp: ModuleType, cell: Any, ax, Wh, bh, state0, mask3, reverse: bool, keep: bool):
-    """``(outs, state_n, saved, h_prev, stacked)`` of one direction, or NotImplementedError."""
-    if DISABLED:
+    """``(outs, state_n, saved, h_prev)`` of one direction from the projection ``ax``.
+
+    JAX only (masks included): one compiled ``lax.scan``; the results are
+    stacked, time on the leading axis. NotImplementedError for other libraries.
+    """
+    if DISABLED or not is_jax_namespace(xp):
         raise NotImplementedError
-    if is_jax_namespace(xp):
-        return _jax_forward(xp, cell, ax, Wh, bh, state0, mask3, reverse, keep)
-    lib = _library(xp)
-    if mask3 is not None:
-        raise NotImplementedError
-    loop = {"elman": _elman, "lstm": _lstm, "gru": _gru}[cell.kind]
-    with _on(xp, device(ax)):
-        outs, state, saved, h_prev = loop(lib, cell, ax, Wh, bh, state0, reverse, keep)
-    return outs, state, saved, h_prev, False
+    forward_scan, _ = _jax_scans()
+    state, outs, saved, h_prev = forward_scan(
+        ax, Wh, bh, tuple(state0), mask3, cell=cell, reverse=reverse, keep=keep
+    )
+    return outs, state, saved, h_prev
 
 
 def _order(T: int, reverse: bool) -> range:
     return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def _project(lib: ModuleType, xs, Wx, bx, time_major: bool):
+    """``xs @ Wx + bx`` as one matrix product: (N, T, G), or (T, N, G) if ``time_major``.
+
+    The time-major copy adds the bias on the way, so it costs no more than
+    adding it in place, and makes each step's slice contiguous.
+    """
+    N, T, D = xs.shape
+    G = Wx.shape[1]
+    ax = lib.matmul(xs.reshape(N * T, D), Wx).reshape(N, T, G)
+    if time_major:
+        tm = lib.empty((T, N, G), dtype=ax.dtype)
+        if bx is None:
+            lib.copyto(tm, lib.transpose(ax, (1, 0, 2)))
+        else:  # a 2-D bias (N, G) broadcasts over the leading time axis as it is
+            lib.add(lib.transpose(ax, (1, 0, 2)), bx, out=tm)
+        return tm
+    if bx is not None:
+        lib.add(ax, bx[:, None, :] if bx.ndim == 2 else bx, out=ax)
+    return ax
+
+
+def _plus_product(lib: Any, out, c, a, b, scratch=None) -> None:
+    """``out <- c + a @ b``; ``scratch``, shaped like ``out``, is needed when ``out`` is ``c``.
+
+    torch adds the product inside the matrix product itself (``addmm``, BLAS's
+    beta = 1), which saves a pass over ``out``; NumPy and CuPy add it after.
+    """
+    if isinstance(lib, _TorchOps):
+        if out is c:
+            out.addmm_(a, b)
+        else:
+            lib.addmm(c, a, b, out=out)
+    elif out is c:
+        lib.matmul(a, b, out=scratch)
+        lib.add(out, scratch, out=out)
+    else:
+        lib.matmul(a, b, out=out)
+        lib.add(out, c, out=out)
 
 
 def _sigmoid_(lib: ModuleType, a) -> None:
@@ -78,34 +184,36 @@ def _sigmoid_(lib: ModuleType, a) -> None:
     lib.add(a, 0.5, out=a)
 
 
-def _elman(lib, cell, ax, Wh, bh, state0, reverse, keep):
-    N, T, H = ax.shape
-    hs = lib.empty((T, N, H), dtype=ax.dtype)  # time-major: each step contiguous
-    a = lib.empty((N, H), dtype=ax.dtype)
+def _elman(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
+    # Each step's output overwrites its own (contiguous) slice of the
+    # time-major projection, which so becomes hs without another buffer.
+    hs = _project(lib, xs, Wx, bx, time_major=True)
+    T, N, H = hs.shape
+    a = lib.empty((N, H), dtype=hs.dtype)
     saved, h_prev = [None] * T, [None] * T
     (h,) = state0
-    for t in _order(T, reverse):
-        lib.matmul(h, Wh, out=a)
-        lib.add(a, ax[:, t, :], out=a)
-        if bh is not None:
-            lib.add(a, bh, out=a)
+    for k, t in enumerate(_order(T, reverse)):
         out = hs[t]
+        if k or not zero_state:
+            _plus_product(lib, out, out, h, Wh, scratch=a)
+        if bh is not None:
+            lib.add(out, bh, out=out)
         if cell.nonlinearity == "tanh":
-            lib.tanh(a, out=out)
+            lib.tanh(out, out=out)
         else:
-            lib.maximum(a, 0, out=out)
+            lib.maximum(out, 0, out=out)
         if keep:
             saved[t], h_prev[t] = out, h
         h = out
-    return hs.transpose(1, 0, 2), (h.copy(),), saved, h_prev
+    return lib.transpose(hs, (1, 0, 2)), (lib.copy(h),), saved, h_prev
 
 
-def _lstm(lib, cell, ax, Wh, bh, state0, reverse, keep):
+def _lstm(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
+    ax = _project(lib, xs, Wx, bx, time_major=False)
     N, T, G = ax.shape
     H = G // 4
     dtype = ax.dtype
     hs = lib.empty((T, N, H), dtype=dtype)  # time-major: each step contiguous
-    A = lib.empty((N, G), dtype=dtype)
     ig = lib.empty((N, H), dtype=dtype)
     if keep:  # every step's gates and cell state stay alive for backward
         gates, cs, tcs = (lib.empty((T, N, n), dtype=dtype) for n in (G, H, H))
@@ -115,13 +223,14 @@ def _lstm(lib, cell, ax, Wh, bh, state0, reverse, keep):
     saved, h_prev = [None] * T, [None] * T
     h, c = state0
     for k, t in enumerate(_order(T, reverse)):
-        lib.matmul(h, Wh, out=A)
-        lib.add(A, ax[:, t, :], out=A)
+        g_t = gates[t] if keep else gate_buf  # the recurrent product lands here directly
+        if k or not zero_state:
+            _plus_product(lib, g_t, ax[:, t, :], h, Wh)
+        else:
+            lib.copyto(g_t, ax[:, t, :])
         if bh is not None:
-            lib.add(A, bh, out=A)
-        g_t = gates[t] if keep else gate_buf
+            lib.add(g_t, bh, out=g_t)
         i, f, g, o = g_t[:, :H], g_t[:, H : 2 * H], g_t[:, 2 * H : 3 * H], g_t[:, 3 * H :]
-        lib.copyto(g_t, A)
         _sigmoid_(lib, g_t[:, : 2 * H])
         _sigmoid_(lib, o)
         lib.tanh(g, out=g)
@@ -136,10 +245,11 @@ def _lstm(lib, cell, ax, Wh, bh, state0, reverse, keep):
         if keep:
             saved[t], h_prev[t] = (i, f, g, o, tc, c), h
         h, c = out, c_new
-    return hs.transpose(1, 0, 2), (h.copy(), c.copy()), saved, h_prev
+    return lib.transpose(hs, (1, 0, 2)), (lib.copy(h), lib.copy(c)), saved, h_prev
 
 
-def _gru(lib, cell, ax, Wh, bh, state0, reverse, keep):
+def _gru(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
+    ax = _project(lib, xs, Wx, bx, time_major=False)
     N, T, G = ax.shape
     H = G // 3
     dtype = ax.dtype
@@ -152,10 +262,13 @@ def _gru(lib, cell, ax, Wh, bh, state0, reverse, keep):
         rz_buf, n_buf = lib.empty((N, 2 * H), dtype=dtype), lib.empty((N, H), dtype=dtype)
     saved, h_prev = [None] * T, [None] * T
     (h,) = state0
-    for t in _order(T, reverse):
-        lib.matmul(h, Wh, out=ah)
-        if bh is not None:
-            lib.add(ah, bh, out=ah)
+    for k, t in enumerate(_order(T, reverse)):
+        if k == 0 and zero_state:  # h is zero: h @ Wh + bh is bh
+            lib.copyto(ah, 0 if bh is None else bh)
+        elif bh is None:
+            lib.matmul(h, Wh, out=ah)
+        else:
+            _plus_product(lib, ah, bh, h, Wh)
         rz = rzs[t] if keep else rz_buf
         lib.add(ax[:, t, : 2 * H], ah[:, : 2 * H], out=rz)
         _sigmoid_(lib, rz)
@@ -173,22 +286,14 @@ def _gru(lib, cell, ax, Wh, bh, state0, reverse, keep):
             lib.copyto(ahn, ah[:, 2 * H :])
             saved[t], h_prev[t] = (r, z, n, ahn, h), h
         h = out
-    return hs.transpose(1, 0, 2), (h.copy(),), saved, h_prev
+    return lib.transpose(hs, (1, 0, 2)), (lib.copy(h),), saved, h_prev
 
 
 # -- JAX: one lax.scan each way, compiled once per cell, shape and dtype ---------
 
 
-def _jax_forward(xp, cell, ax, Wh, bh, state0, mask3, reverse, keep):
-    forward_scan, _ = _jax_scans()
-    state, outs, saved, h_prev = forward_scan(
-        ax, Wh, bh, tuple(state0), mask3, cell=cell, reverse=reverse, keep=keep
-    )
-    return outs, state, saved, h_prev, True
-
-
 def backward_stacked(xp, cell, tape, douts, dstate):
-    """The backward of `_jax_forward`: ``(dax3, dah3, dstate0, h_prev3)``."""
+    """The backward of the JAX `forward`: ``(dax3, dah3, dstate0, h_prev3)``."""
     _, backward_scan = _jax_scans()
     return backward_scan(
         douts,
@@ -275,8 +380,6 @@ def on_dask_chunks(
     task; a Dask array among them becomes one block. Raises NotImplementedError
     unless the reference is a Dask array.
     """
-    from array_api_compat import is_array_api_obj, is_dask_array, is_numpy_array
-
     name0, (ref, axis0) = next(iter(batched.items()))
     if DISABLED or not is_dask_array(ref):
         raise NotImplementedError
@@ -333,7 +436,7 @@ def on_dask_chunks(
 
 def _on_chunk(fn, name0, **kwargs):
     """Call ``fn`` on one chunk, NumPy arguments moved into the chunk's library first."""
-    from array_api_compat import array_namespace, is_numpy_array
+    from array_api_compat import array_namespace
 
     from ._backends import asarray
 

@@ -3,7 +3,7 @@ stateful bookkeeping of the layer classes, and the sequence functions' core."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -21,12 +21,12 @@ def check_weights(Wx: Array, Wh: Array, gates: int) -> tuple[int, int]:
     D, H = Wx.shape[0], Wx.shape[1] // gates
     label = "H" if gates == 1 else f"{gates}*H"
     _checks.check_shape(
-        "Wh", Wh, [("H", H), (label, gates * H)], f"to match Wx of shape {tuple(Wx.shape)}"
+        "Wh", Wh, [("H", H), (label, gates * H)], lambda: f"to match Wx of shape {tuple(Wx.shape)}"
     )
     return D, H
 
 
-def check_states(N: int, H: int, why: str, **states: Array | None) -> None:
+def check_states(N: int, H: int, why: str | Callable[[], str], **states: Array | None) -> None:
     for name, a in states.items():
         if a is not None:
             _checks.check_shape(name, a, [("N", N), ("H", H)], why)
@@ -65,12 +65,15 @@ def check_sequence(
     """Shapes of a sequence function's inputs; return ``(N, T, D, H)``."""
     D, H = check_weights(Wx, Wh, gates)
     _checks.check_shape(
-        "xs", xs, [("N", None), ("T", None), ("D", D)], f"to match Wx of shape {tuple(Wx.shape)}"
+        "xs",
+        xs,
+        [("N", None), ("T", None), ("D", D)],
+        lambda: f"to match Wx of shape {tuple(Wx.shape)}",
     )
     N, T = xs.shape[0], xs.shape[1]
     if T < 1:
         raise ValueError(f"xs: expected at least one time step, got shape {tuple(xs.shape)}")
-    check_states(N, H, f"to match xs {tuple(xs.shape)} and Wh {tuple(Wh.shape)}", **states)
+    check_states(N, H, lambda: f"to match xs {tuple(xs.shape)} and Wh {tuple(Wh.shape)}", **states)
     check_biases(N, gates * H, **biases)
     return N, T, D, H
 
@@ -99,9 +102,11 @@ def _check_step(
 ) -> tuple[ModuleType, list]:
     xp, dtype, _ = _checks.common(x=x, Wx=Wx, Wh=Wh, **biases, **states)
     D, H = check_weights(Wx, Wh, cell.gates)
-    _checks.check_shape("x", x, [("N", None), ("D", D)], f"to match Wx of shape {tuple(Wx.shape)}")
+    _checks.check_shape(
+        "x", x, [("N", None), ("D", D)], lambda: f"to match Wx of shape {tuple(Wx.shape)}"
+    )
     N = x.shape[0]
-    check_states(N, H, f"to match x {tuple(x.shape)} and Wh {tuple(Wh.shape)}", **states)
+    check_states(N, H, lambda: f"to match x {tuple(x.shape)} and Wh {tuple(Wh.shape)}", **states)
     check_biases(N, cell.gates * H, **biases)
     return xp, cast(xp, dtype, x, Wx, Wh, *biases.values(), *states.values())
 
@@ -207,7 +212,16 @@ def sequence_forward(
     xs_, Wx_, Wh_, bx_, bh_, *states_ = cast(xp, dtype, xs, Wx, Wh, bx, bh, *states.values())
     state0 = tuple(zeros(xp, (N, H), dtype, dev) if s is None else s for s in states_)
     hs, state_n, tape = _scan.forward(
-        xp, cell, xs_, Wx_, Wh_, bx_, bh_, state0, keep_tape=not inference
+        xp,
+        cell,
+        xs_,
+        Wx_,
+        Wh_,
+        bx_,
+        bh_,
+        state0,
+        keep_tape=not inference,
+        zero_state=all(s is None for s in states_),
     )
     if inference:
         return hs, state_n, None

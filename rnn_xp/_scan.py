@@ -13,7 +13,9 @@ A cell kind supplies only its step (`Cell.step`) and the step's backward
   direction over the padded sequence starts each sequence at its own last step;
 * ``reverse=True`` runs the steps from the last to the first.
 
-Nothing is written in place: steps are collected in lists and stacked.
+The generic loop here writes nothing in place: steps are collected in lists and
+stacked. `_fastpath` replaces it, projection included, where a library allows
+fused in-place loops, and the generic loop remains the fallback.
 """
 
 from __future__ import annotations
@@ -97,25 +99,32 @@ def forward(
     mask: Array | None = None,
     reverse: bool = False,
     keep_tape: bool = True,
+    zero_state: bool = False,
 ) -> tuple[Array, State, Tape | None]:
     """Run ``cell`` over ``xs`` (N, T, D) from ``state0``; return ``(outs, state_n, tape)``.
 
     Inputs are already validated and cast; ``mask`` is bool (N, T) or None.
     With ``keep_tape=False`` (inference) nothing is kept for `backward` and the
-    tape is None.
+    tape is None. ``zero_state=True`` promises that ``state0`` is all zeros,
+    which lets a fast path skip the first step's recurrent product.
     """
-    try:
-        ax = _fastpath.project(xp, xs, Wx, bx)
-    except NotImplementedError:
-        ax = project(xp, xs, Wx, bx)
     mask3 = None if mask is None else xp.expand_dims(mask, axis=-1)
+    stacked = False
     try:
-        outs, state, saved, h_prev, stacked = _fastpath.forward(
-            xp, cell, ax, Wh, bh, state0, mask3, reverse, keep_tape
+        outs, state, saved, h_prev = _fastpath.forward_fused(
+            xp, cell, xs, Wx, bx, Wh, bh, state0, mask3, reverse, keep_tape, zero_state
         )
     except NotImplementedError:
-        outs, state, saved, h_prev = _loop(xp, cell, ax, Wh, bh, state0, mask3, reverse, keep_tape)
-        stacked = False
+        ax = project(xp, xs, Wx, bx)
+        try:
+            outs, state, saved, h_prev = _fastpath.forward(
+                xp, cell, ax, Wh, bh, state0, mask3, reverse, keep_tape
+            )
+            stacked = True
+        except NotImplementedError:
+            outs, state, saved, h_prev = _loop(
+                xp, cell, ax, Wh, bh, state0, mask3, reverse, keep_tape
+            )
     if not keep_tape:
         return outs, state, None
     return outs, state, Tape(xs, Wx, Wh, bx, bh, saved, h_prev, mask3, reverse, stacked)

@@ -2,7 +2,8 @@
 
 For each size (N, T, D, H), dtype and cell kind it times, in one process and
 interleaved (round robin, best of R rounds, so that a noisy neighbour slows every
-contender alike):
+contender alike; a call shorter than 20 ms is timed as the mean of enough
+back-to-back calls to fill 20 ms, after one untimed call):
 
 * ``limit``: the same GEMMs alone, in NumPy, into preallocated buffers: the
   input projection plus T recurrent products forward; backward adds T recurrent
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
@@ -228,17 +230,33 @@ CPU_CONTENDERS: list[Callable] = [
 # -- timing ----------------------------------------------------------------------
 
 
-def best_of(fns: dict[str, Callable], rounds: int, budget_s: float) -> dict[str, float]:
-    """Round-robin best-of-``rounds`` seconds of each function, after one warm-up call."""
-    for f in fns.values():
+def best_of(
+    fns: dict[str, Callable], rounds: int, budget_s: float, min_time_s: float = 0.02
+) -> dict[str, float]:
+    """Round-robin best-of-``rounds`` seconds per call of each function.
+
+    A function faster than ``min_time_s`` is timed over as many back-to-back
+    calls as fill that time, after one untimed call: switching between
+    libraries leaves the other library's worker threads spinning for a moment,
+    and a lone sub-millisecond call would time that instead of itself.
+    """
+    calls = {}
+    for label, f in fns.items():
+        f()  # warm-up: imports, compilation, first-touch allocations
+        t0 = time.perf_counter()
         f()
+        calls[label] = max(1, math.ceil(min_time_s / max(time.perf_counter() - t0, 1e-7)))
     best = dict.fromkeys(fns, float("inf"))
     start = time.perf_counter()
     for r in range(rounds):
         for label, f in fns.items():
+            n = calls[label]
+            if n > 1:
+                f()
             t0 = time.perf_counter()
-            f()
-            best[label] = min(best[label], time.perf_counter() - t0)
+            for _ in range(n):
+                f()
+            best[label] = min(best[label], (time.perf_counter() - t0) / n)
         if r >= 2 and time.perf_counter() - start > budget_s:
             break
     return best

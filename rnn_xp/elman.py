@@ -78,19 +78,17 @@ class ElmanCell:
         # since (a + |a|) / 2 is a or 0 with no rounding.
         return (a + xp.abs(a)) / 2
 
-    def derivative(self, xp: ModuleType, h: Array) -> Array:
-        """act'(a), written in terms of the output h = act(a)."""
-        if self.nonlinearity == "tanh":
-            return 1 - h * h
-        return xp.astype(h > 0, h.dtype)
-
     def step(self, xp, ax, state, Wh, bh):
         a = state[0] @ Wh + ax
         h = self.activate(xp, a if bh is None else a + bh)
         return (h,), h
 
     def step_backward(self, xp, dstate, h, Wh):
-        da = dstate[0] * self.derivative(xp, h)
+        d = dstate[0]
+        if self.nonlinearity == "tanh":  # d * (1 - h**2), with no scalar-array operation
+            da = d - d * h * h
+        else:
+            da = d * xp.astype(h > 0, h.dtype)
         return (da @ Wh.T,), da, da
 
 
@@ -254,9 +252,12 @@ def rnn_forward(
         pass
     xp, dtype, dev, N, _, H = _check_sequence(xs, Wx, Wh, b, h0)
     xs, Wx, Wh, b, h0 = cast(xp, dtype, xs, Wx, Wh, b, h0)
-    h0 = zeros(xp, (N, H), dtype, dev) if h0 is None else h0
+    zero_state = h0 is None
+    h0 = zeros(xp, (N, H), dtype, dev) if zero_state else h0
     # rnn_backward rebuilds everything it needs from hs: no tape to keep.
-    hs, (h_n,), _ = _scan.forward(xp, cell, xs, Wx, Wh, b, None, (h0,), keep_tape=False)
+    hs, (h_n,), _ = _scan.forward(
+        xp, cell, xs, Wx, Wh, b, None, (h0,), keep_tape=False, zero_state=zero_state
+    )
     return hs, h_n
 
 

@@ -285,17 +285,28 @@ class Recurrent:
 
         x, h0, c0 = cast(xp, dtype, x, h0, c0)
         tapes, h_n, c_n = {}, [], []
+        given = (h0, c0) if lstm else (h0,)
         for layer in range(self.num_layers):
             outs = []
             for direction in range(self.num_directions):
                 i = layer * self.num_directions + direction
                 state0 = tuple(
-                    zeros(xp, (N, H), dtype, dev) if s is None else s[i, ...]
-                    for s in ((h0, c0) if lstm else (h0,))
+                    zeros(xp, (N, H), dtype, dev) if s is None else s[i, ...] for s in given
                 )
                 Wx, Wh, bx, bh = self._weights(xp, dtype, layer, direction)
                 out, state_n, tapes[i] = _scan.forward(
-                    xp, self.cell, x, Wx, Wh, bx, bh, state0, steps, direction == 1, not inference
+                    xp,
+                    self.cell,
+                    x,
+                    Wx,
+                    Wh,
+                    bx,
+                    bh,
+                    state0,
+                    steps,
+                    direction == 1,
+                    not inference,
+                    zero_state=all(s is None for s in given),
                 )
                 outs.append(out)
                 h_n.append(state_n[0])

@@ -15,16 +15,24 @@ from tests.test_model import D, H, N, T, outputs, step_mask
 KINDS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 
 
+@pytest.mark.parametrize("state", ["given", "omitted"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_fast_and_generic_layers_agree(backend, dtype, kind, monkeypatch):
-    a = {
-        k: None if v is None else backend.asarray(v.astype(dtype))
-        for k, v in draw(kind, True, dtype).items()
-    }
-    fast = backend.to_numpy_all(run_layer(kind, a))
+def test_fast_and_generic_layers_agree(backend, dtype, kind, state, monkeypatch):
+    # An omitted initial state is zero, and lets the fast path skip the first
+    # step's recurrent product: both cases must agree with the generic loop.
+    drawn = draw(kind, state == "given", dtype)
+    if state == "omitted":
+        drawn.update(h0=None, c0=None)
+    a = {k: None if v is None else backend.asarray(v.astype(dtype)) for k, v in drawn.items()}
+    fast = run_layer(kind, a)
     monkeypatch.setattr(_fastpath, "DISABLED", True)
-    generic = backend.to_numpy_all(run_layer(kind, a))
-    for i, (f, g) in enumerate(zip(fast, generic)):
+    generic = run_layer(kind, a)
+    # The gradient of an omitted bias or state is None on both paths.
+    assert [f is None for f in fast] == [g is None for g in generic]
+    present = [i for i, g in enumerate(generic) if g is not None]
+    fast = backend.to_numpy_all([fast[i] for i in present])
+    generic = backend.to_numpy_all([generic[i] for i in present])
+    for i, f, g in zip(present, fast, generic):
         assert_close(f, g.astype(np.float64), dtype, f"output {i}")
 
 
