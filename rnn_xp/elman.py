@@ -85,10 +85,8 @@ class ElmanCell:
 
     def step_backward(self, xp, dstate, h, Wh):
         d = dstate[0]
-        if self.nonlinearity == "tanh":  # d * (1 - h**2), with no scalar-array operation
-            da = d - d * h * h
-        else:
-            da = d * xp.astype(h > 0, h.dtype)
+        # tanh' = 1 - h**2, applied as d - d*h*h: no scalar-array operation
+        da = d - d * h * h if self.nonlinearity == "tanh" else d * xp.astype(h > 0, h.dtype)
         return (da @ Wh.T,), da, da
 
 
