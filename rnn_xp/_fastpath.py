@@ -176,10 +176,24 @@ def _plus_product(lib: Any, out, c, a, b, scratch=None) -> None:
         lib.add(out, c, out=out)
 
 
-def _sigmoid_(lib: ModuleType, a) -> None:
-    """In place: a <- sigmoid(a) = 0.5 * tanh(a / 2) + 0.5, which cannot overflow."""
-    lib.multiply(a, 0.5, out=a)
-    lib.tanh(a, out=a)
+def _halve_columns(lib: Any, a, blocks):
+    """A copy of the weight or bias ``a`` with the column ``blocks`` ``(lo, hi)`` halved.
+
+    sigmoid(x) = 0.5 * tanh(x / 2) + 0.5: with the sigmoid gates' columns of
+    every weight and bias halved (exactly: a power of two), one tanh over a
+    step's whole contiguous row of gates activates all of them at once, and
+    the sigmoid gates then need only ``0.5 * t + 0.5`` (`_tanh_to_sigmoid_`).
+    """
+    if a is None:
+        return None
+    out = lib.copy(a)
+    for lo, hi in blocks:
+        lib.multiply(out[..., lo:hi], 0.5, out=out[..., lo:hi])
+    return out
+
+
+def _tanh_to_sigmoid_(lib: Any, a) -> None:
+    """In place: a <- 0.5 * a + 0.5, turning tanh(x / 2) into sigmoid(x)."""
     lib.multiply(a, 0.5, out=a)
     lib.add(a, 0.5, out=a)
 
@@ -209,9 +223,11 @@ def _elman(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
 
 
 def _lstm(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
+    H = Wh.shape[0]
+    sigmoids = [(0, 2 * H), (3 * H, 4 * H)]  # i, f and o; g is a tanh
+    Wx, bx, Wh, bh = (_halve_columns(lib, a, sigmoids) for a in (Wx, bx, Wh, bh))
     ax = _project(lib, xs, Wx, bx, time_major=False)
     N, T, G = ax.shape
-    H = G // 4
     dtype = ax.dtype
     hs = lib.empty((T, N, H), dtype=dtype)  # time-major: each step contiguous
     ig = lib.empty((N, H), dtype=dtype)
@@ -231,9 +247,9 @@ def _lstm(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
         if bh is not None:
             lib.add(g_t, bh, out=g_t)
         i, f, g, o = g_t[:, :H], g_t[:, H : 2 * H], g_t[:, 2 * H : 3 * H], g_t[:, 3 * H :]
-        _sigmoid_(lib, g_t[:, : 2 * H])
-        _sigmoid_(lib, o)
-        lib.tanh(g, out=g)
+        lib.tanh(g_t, out=g_t)  # g = tanh(a); i, f, o = tanh(a / 2) so far
+        _tanh_to_sigmoid_(lib, g_t[:, : 2 * H])
+        _tanh_to_sigmoid_(lib, o)
         c_new = cs[t] if keep else c_bufs[k % 2]
         lib.multiply(f, c, out=c_new)
         lib.multiply(i, g, out=ig)
@@ -249,9 +265,10 @@ def _lstm(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
 
 
 def _gru(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
+    H = Wh.shape[0]
+    Wx, bx, Wh, bh = (_halve_columns(lib, a, [(0, 2 * H)]) for a in (Wx, bx, Wh, bh))  # r, z
     ax = _project(lib, xs, Wx, bx, time_major=False)
     N, T, G = ax.shape
-    H = G // 3
     dtype = ax.dtype
     hs = lib.empty((T, N, H), dtype=dtype)  # time-major: each step contiguous
     ah = lib.empty((N, G), dtype=dtype)
@@ -271,7 +288,8 @@ def _gru(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
             _plus_product(lib, ah, bh, h, Wh)
         rz = rzs[t] if keep else rz_buf
         lib.add(ax[:, t, : 2 * H], ah[:, : 2 * H], out=rz)
-        _sigmoid_(lib, rz)
+        lib.tanh(rz, out=rz)
+        _tanh_to_sigmoid_(lib, rz)
         r, z = rz[:, :H], rz[:, H:]
         n = ns[t] if keep else n_buf
         lib.multiply(r, ah[:, 2 * H :], out=n)
