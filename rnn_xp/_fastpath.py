@@ -225,8 +225,10 @@ def _elman(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
 def _lstm(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
     H = Wh.shape[0]
     sigmoids = [(0, 2 * H), (3 * H, 4 * H)]  # i, f and o; g is a tanh
-    Wx, bx, Wh, bh = (_halve_columns(lib, a, sigmoids) for a in (Wx, bx, Wh, bh))
-    ax = _project(lib, xs, Wx, bx, time_major=False)
+    ax = _project(
+        lib, xs, _halve_columns(lib, Wx, sigmoids), _halve_columns(lib, bx, sigmoids), False
+    )  # the halved copies of Wx and bx are dropped as soon as the projection is done
+    Wh, bh = _halve_columns(lib, Wh, sigmoids), _halve_columns(lib, bh, sigmoids)
     N, T, G = ax.shape
     dtype = ax.dtype
     hs = lib.empty((T, N, H), dtype=dtype)  # time-major: each step contiguous
@@ -266,8 +268,11 @@ def _lstm(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
 
 def _gru(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
     H = Wh.shape[0]
-    Wx, bx, Wh, bh = (_halve_columns(lib, a, [(0, 2 * H)]) for a in (Wx, bx, Wh, bh))  # r, z
-    ax = _project(lib, xs, Wx, bx, time_major=False)
+    sigmoids = [(0, 2 * H)]  # r and z; n is a tanh
+    ax = _project(
+        lib, xs, _halve_columns(lib, Wx, sigmoids), _halve_columns(lib, bx, sigmoids), False
+    )
+    Wh, bh = _halve_columns(lib, Wh, sigmoids), _halve_columns(lib, bh, sigmoids)
     N, T, G = ax.shape
     dtype = ax.dtype
     hs = lib.empty((T, N, H), dtype=dtype)  # time-major: each step contiguous

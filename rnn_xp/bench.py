@@ -263,6 +263,8 @@ def best_of(
 
 
 def peak_bytes(f: Callable) -> int:
+    """tracemalloc's peak during ``f()``, after one untraced call (lazy imports, caches)."""
+    f()
     tracemalloc.start()
     tracemalloc.reset_peak()
     f()
@@ -312,6 +314,7 @@ def memory_lines(size: tuple, dtype: str) -> list[str]:
         N, T, _, H = size
         item = np.dtype(dtype).itemsize
         out, proj, state = N * T * H * item, N * T * G * H * item, N * H * item
+        weights = (size[2] + H) * G * H * item
         infer, train = (
             peak_bytes(lambda k=kind, a=a, i=i: _forward_backward(k, a, False, inference=i))
             for i in (True, False)
@@ -319,7 +322,8 @@ def memory_lines(size: tuple, dtype: str) -> list[str]:
         lines.append(
             f"  {kind:<9} inference {infer / 2**20:8.2f} MiB  training {train / 2**20:8.2f} MiB  "
             f"(output {out / 2**20:.2f}, projection {proj / 2**20:.2f}, "
-            f"inference beyond output+projection: {(infer - out - proj) / state:.1f} x N*H)"
+            f"inference beyond output+projection: {(infer - out - proj) / 2**20:.2f} MiB = "
+            f"{(infer - out - proj) / state:.1f} x N*H; Wx+Wh {weights / 2**20:.2f} MiB)"
         )
     return lines
 

@@ -71,3 +71,20 @@ def test_inference_mode_equals_training_forward(backend, mode):
         assert_close(backend.to_numpy(got), backend.to_numpy(want), "float64", "h_n")
     with pytest.raises(RuntimeError, match="call forward first"):
         model.backward(xs)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_inference_peak_memory_is_output_projection_and_scratch(kind):
+    # The issue's bound on NumPy: beyond the output, at most the input projection
+    # plus O(N*H) scratch (here also the copy of Wh whose sigmoid gates' columns
+    # the fast path halves). Training keeps every step's gates, so it must not fit.
+    from rnn_xp.bench import _forward_backward, peak_bytes, problem
+
+    N, T, D, H = 32, 64, 16, 32
+    G = {"lstm": 4, "gru": 3}[kind] * H
+    a = problem(kind, N, T, D, H, "float32")
+    item = 4
+    bound = (N * T * H + N * T * G + 32 * N * H + 2 * (D + H) * G) * item
+    inference = peak_bytes(lambda: _forward_backward(kind, a, False, inference=True))
+    training = peak_bytes(lambda: _forward_backward(kind, a, False, inference=False))
+    assert inference <= bound < training, (inference, bound, training)
