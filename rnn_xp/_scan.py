@@ -164,7 +164,10 @@ def backward(
         dstate = tuple(zero if d is None else d for d in dstate_n)
         dax3, dah3, dstate, h_prev3 = _fastpath.backward_stacked(xp, cell, tape, douts, dstate)
     else:
-        dax3, dah3, dstate = _backward_loop(xp, cell, tape, douts, dstate_n, zero)
+        try:
+            dax3, dah3, dstate = _fastpath.backward_fused(xp, cell, tape, douts, dstate_n)
+        except NotImplementedError:
+            dax3, dah3, dstate = _backward_loop(xp, cell, tape, douts, dstate_n, zero)
         h_prev3 = xp.stack(h_prev, axis=1)
 
     G = Wx.shape[1]

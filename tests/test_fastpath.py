@@ -19,10 +19,11 @@ KINDS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 @pytest.mark.parametrize("kind", KINDS)
 def test_fast_and_generic_layers_agree(backend, dtype, kind, state, monkeypatch):
     # An omitted initial state is zero, and lets the fast path skip the first
-    # step's recurrent product: both cases must agree with the generic loop.
+    # step's recurrent product; omitted final-state gradients are zero too.
+    # Both cases must agree with the generic loops, forward and backward.
     drawn = draw(kind, state == "given", dtype)
     if state == "omitted":
-        drawn.update(h0=None, c0=None)
+        drawn.update(h0=None, c0=None, dh_n=None, dc_n=None)
     a = {k: None if v is None else backend.asarray(v.astype(dtype)) for k, v in drawn.items()}
     fast = run_layer(kind, a)
     monkeypatch.setattr(_fastpath, "DISABLED", True)
