@@ -333,9 +333,10 @@ def backward_fused(xp: ModuleType, cell: Any, tape: Any, douts, dstate_n):
         raise NotImplementedError
     lib = _library(xp, douts, tape.xs, tape.Wx, tape.Wh, *dstate_n)
     if not isinstance(lib, _TorchOps):
-        # Measured on the CPU: 0.82-0.97x the generic loop's forward+backward time
-        # on torch, but 0.92-1.26x on NumPy, whose small temporaries cost little
-        # and whose ufuncs run slower on the strided gate blocks written here.
+        # Measured on the CPU (BENCHMARKS.md): 0.82-0.99x the generic loop's
+        # forward+backward time on torch, but 0.92-1.26x on NumPy, whose small
+        # temporaries cost little and whose ufuncs are slower on the strided
+        # gate blocks written here.
         raise NotImplementedError
     loop = {"elman": _elman_backward, "lstm": _lstm_backward, "gru": _gru_backward}[cell.kind]
     with on_device_of(xp, douts):
