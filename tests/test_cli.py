@@ -30,6 +30,22 @@ def rnn_xp_cmd(*args, cwd=None, check=True):
     return result
 
 
+def run_job(weights, inputs, out, *options, cwd=None, check=True):
+    """``rnn-xp run --weights W --input X --out Y`` with further options."""
+    return rnn_xp_cmd(
+        "run",
+        "--weights",
+        weights,
+        "--input",
+        inputs,
+        "--out",
+        out,
+        *options,
+        cwd=cwd,
+        check=check,
+    )
+
+
 @pytest.fixture
 def files(tmp_path):
     rng = np.random.default_rng(0)
@@ -64,13 +80,9 @@ def python_api(weights, xs, lengths=None):
 
 def test_init_then_run_equals_the_python_api(files):
     tmp, xs, lengths = files
-    rnn_xp_cmd(
-        "run",
-        "--weights",
+    run_job(
         tmp / "w.npz",
-        "--input",
         tmp / "x.npy",
-        "--out",
         tmp / "y.npy",
         "--lengths",
         tmp / "l.npy",
@@ -85,25 +97,17 @@ def test_init_then_run_equals_the_python_api(files):
 @pytest.mark.parametrize("batch_size", [1, 3, 10, 64])
 def test_chunked_run_equals_one_chunk(files, batch_size):
     tmp, _, _ = files
-    rnn_xp_cmd(
-        "run",
-        "--weights",
+    run_job(
         tmp / "w.npz",
-        "--input",
         tmp / "x.npy",
-        "--out",
         tmp / "chunked.npy",
         "--batch-size",
         batch_size,
         "--no-progress",
     )
-    rnn_xp_cmd(
-        "run",
-        "--weights",
+    run_job(
         tmp / "w.npz",
-        "--input",
         tmp / "x.npy",
-        "--out",
         tmp / "whole.npy",
         "--batch-size",
         10,
@@ -118,13 +122,9 @@ def test_chunked_run_equals_one_chunk(files, batch_size):
 def test_run_on_another_backend_agrees(files, library):
     pytest.importorskip(library)
     tmp, xs, lengths = files
-    rnn_xp_cmd(
-        "run",
-        "--weights",
+    run_job(
         tmp / "w.npz",
-        "--input",
         tmp / "x.npy",
-        "--out",
         tmp / "y.npy",
         "--lengths",
         tmp / "l.npy",
@@ -272,13 +272,9 @@ def test_a_backend_that_is_not_installed_names_its_extra(files):
         pytest.skip("cupy is installed here")
     except ImportError:
         pass
-    result = rnn_xp_cmd(
-        "run",
-        "--weights",
+    result = run_job(
         "w.npz",
-        "--input",
         "x.npy",
-        "--out",
         "y.npy",
         "--backend",
         "cupy",

@@ -152,17 +152,13 @@ def _catch(errors, fn, *args):
 
 
 def test_cli_runs_on_a_local_cluster(job_files):
-    from tests.test_cli import rnn_xp_cmd
+    from tests.test_cli import run_job
 
     tmp = job_files
     batch.run_file(make_job(tmp, "local.npy", batch_size=600))
-    rnn_xp_cmd(
-        "run",
-        "--weights",
+    run_job(
         "w.npz",
-        "--input",
         "x.npy",
-        "--out",
         "y.npy",
         "--lengths",
         "l.npy",
