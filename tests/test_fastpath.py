@@ -37,6 +37,37 @@ def test_fast_and_generic_layers_agree(backend, dtype, kind, state, monkeypatch)
         assert_close(f, g.astype(np.float64), dtype, f"output {i}")
 
 
+@pytest.mark.parametrize("bias_shape", [(4,), (1, 4), (4, 4), (4, 1), (1,)])
+@pytest.mark.parametrize("state", ["given", "omitted"])
+def test_fast_and_generic_elman_agree_for_every_bias_shape(
+    backend, bias_shape, state, monkeypatch
+):
+    # The fused Elman loops add the bias while copying the projection to time-major
+    # order, where a row, a matrix of one row per sequence and a column all broadcast
+    # differently. N == H, so a column of H biases (one per sequence) cannot pass
+    # for a row.
+    rng = np.random.default_rng(2)
+    n, t, d, h = 4, 5, 3, 4
+    xs, Wx, Wh, b, h0, dhs = (
+        backend.asarray(rng.standard_normal(shape))
+        for shape in [(n, t, d), (d, h), (h, h), bias_shape, (n, h), (n, t, h)]
+    )
+    h0 = h0 if state == "given" else None
+
+    def run():
+        hs, h_n = rnn_xp.rnn_forward(xs, Wx, Wh, b, h0)
+        return [hs, h_n, *rnn_xp.rnn_backward(dhs, xs, hs, Wx, Wh, b, h0)]
+
+    fast = run()
+    monkeypatch.setattr(_fastpath, "DISABLED", True)
+    generic = run()
+    for i, (f, g) in enumerate(zip(fast, generic)):
+        if g is None:
+            assert f is None
+            continue
+        assert_close(backend.to_numpy(f), backend.to_numpy(g), "float64", f"output {i}")
+
+
 @pytest.mark.parametrize("steps_kind", ["none", "mask"])
 @pytest.mark.parametrize("mode", list(rnn_xp.MODES))
 def test_fast_and_generic_models_agree(backend, mode, steps_kind, monkeypatch):
