@@ -6,6 +6,10 @@ Nothing here asserts a timing: speed is reported by ``python -m rnn_xp bench``
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -36,3 +40,16 @@ def test_flop_count():
     # Elman forward: (N*T) x D x H input GEMM plus T recurrent (N x H x H) GEMMs, 2 FLOPs each.
     assert bench.flops("rnn_tanh", 2, 3, 4, 5, backward=False) == 2 * 2 * 3 * 5 * (4 + 5)
     assert bench.flops("lstm", 2, 3, 4, 5, backward=True) == 3 * 2 * 2 * 3 * 20 * (4 + 5)
+
+
+def test_elman_floor_script_smoke():
+    """benchmarks/elman_floor.py runs and prints every part (no timing asserted)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "elman_floor.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "3", "4", "5", "6", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for label in ("limit", "rnn_xp numpy", "notebook", "T x tanh", "floor"):
+        assert f"{label} " in run.stdout, run.stdout
