@@ -13,8 +13,10 @@ test suite runs both paths on every backend and checks that they agree
   time-major copy of the input projection, so every step's slice is
   contiguous, and each output overwrites its own projection. torch adds the
   recurrent product inside the matrix product (``addmm``). When the initial
-  state is zero, the first step's recurrent product is skipped. Inference
-  keeps only the input projection, the output and O(N*H) scratch.
+  state is zero, the first step's recurrent product is skipped. On NumPy and
+  CuPy the LSTM's gates are activated into gate-major order, so each gate is
+  a contiguous array. Inference keeps only the input projection, the output
+  and O(N*H) scratch.
 * torch (when autograd is not recording), no mask: the backward loop too
   writes each step's gate gradients in place into one preallocated array,
   with no per-step arrays and no stack after the loop, and the recurrent
