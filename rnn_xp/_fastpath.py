@@ -17,10 +17,12 @@ test suite runs both paths on every backend and checks that they agree
   CuPy the LSTM's gates are activated into gate-major order, so each gate is
   a contiguous array. Inference keeps only the input projection, the output
   and O(N*H) scratch.
-* torch (when autograd is not recording), no mask: the backward loop too
-  writes each step's gate gradients in place into one preallocated array,
-  with no per-step arrays and no stack after the loop, and the recurrent
-  product inside ``addmm``.
+* torch (when autograd is not recording) and, for LSTM and GRU, NumPy and
+  CuPy, no mask: the backward loop too writes each step's gate gradients in
+  place into one preallocated array, with no per-step arrays and no stack
+  after the loop (torch: the recurrent product inside ``addmm``). NumPy and
+  CuPy compute them gate-major, each gate a contiguous array, and copy them
+  into the step's (N, G) rows in one go.
 * JAX, with or without a mask: forward and backward are each one
   ``jax.lax.scan`` over the cells' own ``step`` and ``step_backward``, so the
   loop is traced once, and compile time under ``jax.jit`` does not grow with T.
@@ -354,11 +356,11 @@ def backward_fused(xp: ModuleType, cell: Any, tape: Any, douts, dstate_n):
     if tape.mask is not None or tape.stacked:
         raise NotImplementedError
     lib = _library(xp, douts, tape.xs, tape.Wx, tape.Wh, *dstate_n)
-    if not isinstance(lib, _TorchOps):
-        # Measured on the CPU (BENCHMARKS.md): 0.82-0.99x the generic loop's
-        # forward+backward time on torch, but 0.92-1.26x on NumPy, whose small
-        # temporaries cost little and whose ufuncs are slower on the strided
-        # gate blocks written here.
+    if not isinstance(lib, _TorchOps) and cell.kind == "elman":
+        # Measured on the CPU (BENCHMARKS.md), forward+backward against the
+        # generic loop: torch 0.82-0.99x; NumPy LSTM 0.85-0.94x and GRU
+        # 0.85-0.96x (gate-major scratch), but Elman 0.94-1.07x: NumPy's small
+        # temporaries cost little, so Elman keeps the generic loop there.
         raise NotImplementedError
     loop = {"elman": _elman_backward, "lstm": _lstm_backward, "gru": _gru_backward}[cell.kind]
     with on_device_of(xp, douts):
@@ -423,6 +425,13 @@ def _lstm_backward(lib, cell, tape, douts, dstate_n):
     N, T, H = douts.shape
     dtype, WhT = douts.dtype, tape.Wh.T
     dA3 = lib.empty((N, T, 4 * H), dtype=dtype)
+    # NumPy and CuPy write the gate gradients gate-major, (4, N, H), where the
+    # forward saved the gates, and copy them into the (N, 4H) rows in one go.
+    transpose = not isinstance(lib, _TorchOps)
+    if transpose:
+        dA4 = dA3.reshape(N, T, 4, H)  # a view: dA3 is contiguous
+        dgm = lib.empty((4, N, H), dtype=dtype)
+        di, df, dg, do = dgm
     dh, dc, tmp, dtc = (lib.empty((N, H), dtype=dtype) for _ in range(4))
     carry, dc_n = dstate_n
     lib.copyto(dc, 0 if dc_n is None else dc_n)
@@ -430,7 +439,8 @@ def _lstm_backward(lib, cell, tape, douts, dstate_n):
     for t in _steps_back(T, tape.reverse):
         dh_t = _output_grad(lib, dh, douts[:, t, :], carry, dA, WhT)
         carry, (i, f, g, o, tc, c_prev), dA = None, tape.saved[t], dA3[:, t, :]
-        di, df, dg, do = dA[:, :H], dA[:, H : 2 * H], dA[:, 2 * H : 3 * H], dA[:, 3 * H :]
+        if not transpose:
+            di, df, dg, do = (dA[:, j * H : (j + 1) * H] for j in range(4))
         lib.multiply(dh_t, o, out=dtc)  # dc += dh * o * (1 - tc**2)
         _tanh_grad(lib, dtc, dtc, tc, tmp)
         lib.add(dc, dtc, out=dc)
@@ -443,6 +453,8 @@ def _lstm_backward(lib, cell, tape, douts, dstate_n):
         lib.multiply(dc, i, out=dg)
         _tanh_grad(lib, dg, dg, g, tmp)
         lib.multiply(dc, f, out=dc)  # what reaches the previous cell state
+        if transpose:
+            lib.copyto(lib.transpose(dA4[:, t], (1, 0, 2)), dgm)
     return dA3, dA3, (lib.matmul(dA, WhT), dc)
 
 
@@ -450,13 +462,19 @@ def _gru_backward(lib, cell, tape, douts, dstate_n):
     N, T, H = douts.shape
     dtype, WhT = douts.dtype, tape.Wh.T
     dax3, dah3 = lib.empty((N, T, 3 * H), dtype=dtype), lib.empty((N, T, 3 * H), dtype=dtype)
+    transpose = not isinstance(lib, _TorchOps)  # gate-major scratch, as in `_lstm_backward`
+    if transpose:
+        dax4 = dax3.reshape(N, T, 3, H)  # a view: dax3 is contiguous
+        dgm = lib.empty((3, N, H), dtype=dtype)
+        dr, dz, dn = dgm
     dh, tmp, hz = (lib.empty((N, H), dtype=dtype) for _ in range(3))
     (carry,) = dstate_n
     dah = None
     for t in _steps_back(T, tape.reverse):
         dh_t = _output_grad(lib, dh, douts[:, t, :], carry, dah, WhT)
         (r, z, n, ahn, h_prev), dax, dah = tape.saved[t], dax3[:, t, :], dah3[:, t, :]
-        dr, dz, dn = dax[:, :H], dax[:, H : 2 * H], dax[:, 2 * H :]
+        if not transpose:
+            dr, dz, dn = dax[:, :H], dax[:, H : 2 * H], dax[:, 2 * H :]
         lib.multiply(dh_t, z, out=hz)  # what reaches h_prev directly: dh * z
         lib.subtract(dh_t, hz, out=dn)  # dn = dh * (1 - z) * (1 - n**2)
         _tanh_grad(lib, dn, dn, n, tmp)
@@ -465,6 +483,8 @@ def _gru_backward(lib, cell, tape, douts, dstate_n):
         lib.subtract(h_prev, n, out=dz)  # dz = dh * (h_prev - n) * z * (1 - z)
         lib.multiply(dz, dh_t, out=dz)
         _sigmoid_grad(lib, dz, dz, z, tmp)
+        if transpose:
+            lib.copyto(lib.transpose(dax4[:, t], (1, 0, 2)), dgm)
         lib.copyto(dah[:, : 2 * H], dax[:, : 2 * H])
         lib.multiply(dn, r, out=dah[:, 2 * H :])
         carry = hz

@@ -235,10 +235,11 @@ def best_of(
 ) -> dict[str, float]:
     """Round-robin best-of-``rounds`` seconds per call of each function.
 
-    A function faster than ``min_time_s`` is timed over as many back-to-back
-    calls as fill that time, after one untimed call: switching between
-    libraries leaves the other library's worker threads spinning for a moment,
-    and a lone sub-millisecond call would time that instead of itself.
+    Odd rounds go through the functions in reverse order. A function faster
+    than ``min_time_s`` is timed over as many back-to-back calls as fill that
+    time, after one untimed call: switching between libraries leaves the other
+    library's worker threads spinning for a moment, and a lone sub-millisecond
+    call would time that instead of itself.
     """
     calls = {}
     for label, f in fns.items():
@@ -248,8 +249,12 @@ def best_of(
         calls[label] = max(1, math.ceil(min_time_s / max(time.perf_counter() - t0, 1e-7)))
     best = dict.fromkeys(fns, float("inf"))
     start = time.perf_counter()
+    order = list(fns.items())
     for r in range(rounds):
-        for label, f in fns.items():
+        # Every other round runs backwards: a contender timed right after
+        # another one of the same library runs on its warm threads and freed
+        # memory, and came out up to 16% faster than the same code timed first.
+        for label, f in order if r % 2 == 0 else order[::-1]:
             n = calls[label]
             if n > 1:
                 f()
