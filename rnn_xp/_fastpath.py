@@ -113,9 +113,9 @@ def forward_fused(
 ):
     """``(outs, state_n, saved, h_prev)`` of one direction, input projection included.
 
-    NumPy and CuPy without a mask only; NotImplementedError before any work
-    otherwise. ``zero_state`` says that ``state0`` is all zeros, so the first
-    step's recurrent product is skipped.
+    NumPy, CuPy and torch (not recorded by autograd), without a mask only;
+    NotImplementedError before any work otherwise. ``zero_state`` says that
+    ``state0`` is all zeros, so the first step's recurrent product is skipped.
     """
     if mask3 is not None:
         raise NotImplementedError
@@ -230,6 +230,17 @@ def _elman(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
     return lib.transpose(hs, (1, 0, 2)), (lib.copy(h),), saved, h_prev
 
 
+def _gate_major_pays(lib: Any) -> bool:
+    """Whether LSTM and GRU elementwise work goes through gate-major arrays, (gates, N, H).
+
+    On NumPy (and CuPy) each gate is then one contiguous array: NumPy took
+    2.5-5x as long on column blocks of (N, gates*H). torch's kernels are slower
+    still on the transposing read (171 us against 43 us for a plain tanh at
+    (64, 64, 256, 256)), so torch works on the column blocks.
+    """
+    return not isinstance(lib, _TorchOps)
+
+
 def _gate_major(lib, a, n: int):
     """``(n, N, H)`` view of the ``(N, n*H)`` array ``a``: gate k's columns as ``[k]``."""
     N, G = a.shape
@@ -247,12 +258,9 @@ def _lstm(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
     dtype = ax.dtype
     hs = lib.empty((T, N, H), dtype=dtype)  # time-major: each step contiguous
     ig = lib.empty((N, H), dtype=dtype)
-    # NumPy and CuPy activate the gates into gate-major order, (4, N, H): the
-    # tanh that reads a step's pre-activations also transposes them, and every
-    # later elementwise operation is on whole contiguous arrays (NumPy took
-    # 2.5-5x as long on column blocks of (N, 4H)). torch's kernels are slower
-    # still on the transposing read, so torch works on the column blocks.
-    transpose = not isinstance(lib, _TorchOps)
+    # Gate-major: the tanh that reads a step's pre-activations also writes
+    # them as (4, N, H), and the rest of the step works on whole arrays.
+    transpose = _gate_major_pays(lib)
     shape = (4, N, H) if transpose else (N, G)
     pre = lib.empty((N, G), dtype=dtype) if transpose else None
     if keep:  # every step's gates and cell state stay alive for backward
@@ -346,8 +354,9 @@ def _gru(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
 def backward_fused(xp: ModuleType, cell: Any, tape: Any, douts, dstate_n):
     """``(dax3, dah3, dstate0)`` of one direction, batch-major (N, T, G), or NotImplementedError.
 
-    Each step writes its gate gradients straight into its slice of ``dax3``
-    (no per-step arrays, no stack after the loop), with the gradients of
+    Each step writes its gate gradients into its slice of ``dax3`` (no
+    per-step arrays, no stack after the loop; NumPy and CuPy compute them in
+    gate-major scratch first, see `_gate_major_pays`), with the gradients of
     ``sigmoid`` and ``tanh`` computed from their outputs in place; the
     recurrent ``dA @ Wh.T`` of the next step goes into the same product as
     that step's output gradient (torch: ``addmm``). ``dstate_n`` entries may
@@ -425,9 +434,9 @@ def _lstm_backward(lib, cell, tape, douts, dstate_n):
     N, T, H = douts.shape
     dtype, WhT = douts.dtype, tape.Wh.T
     dA3 = lib.empty((N, T, 4 * H), dtype=dtype)
-    # NumPy and CuPy write the gate gradients gate-major, (4, N, H), where the
-    # forward saved the gates, and copy them into the (N, 4H) rows in one go.
-    transpose = not isinstance(lib, _TorchOps)
+    # Gate-major: the gate gradients go into (4, N, H) scratch, like the
+    # forward's saved gates, and into the (N, 4H) rows in one copy.
+    transpose = _gate_major_pays(lib)
     if transpose:
         dA4 = dA3.reshape(N, T, 4, H)  # a view: dA3 is contiguous
         dgm = lib.empty((4, N, H), dtype=dtype)
@@ -462,7 +471,7 @@ def _gru_backward(lib, cell, tape, douts, dstate_n):
     N, T, H = douts.shape
     dtype, WhT = douts.dtype, tape.Wh.T
     dax3, dah3 = lib.empty((N, T, 3 * H), dtype=dtype), lib.empty((N, T, 3 * H), dtype=dtype)
-    transpose = not isinstance(lib, _TorchOps)  # gate-major scratch, as in `_lstm_backward`
+    transpose = _gate_major_pays(lib)  # gate-major scratch, as in `_lstm_backward`
     if transpose:
         dax4 = dax3.reshape(N, T, 3, H)  # a view: dax3 is contiguous
         dgm = lib.empty((3, N, H), dtype=dtype)
