@@ -77,6 +77,24 @@ def asarray(xp: ModuleType, a: Any, dtype: Any, device: Any) -> Any:
         return xp.asarray(a, dtype=dtype, device=device, copy=True)
 
 
+_REFUSED = {
+    np.matrix: "* is a matrix product",
+    np.ma.MaskedArray: "mask would be ignored",
+}
+
+
+def refusal(a: Any) -> str | None:
+    """Why the NumPy subclass ``a`` cannot stand for a plain array; None for other arrays.
+
+    The cells' algebra is elementwise, and these subclasses would silently
+    compute something else (np.asarray gives the plain array NumPy means).
+    """
+    for cls, why in _REFUSED.items():
+        if isinstance(a, cls):
+            return f"{type(a).__module__}.{type(a).__name__}, whose {why}"
+    return None
+
+
 class BackendUnavailable(Exception):
     """A backend cannot run here; the message says why."""
 
@@ -165,18 +183,35 @@ def _torch(device: str) -> Callable[[], Loaded]:
         torch = _import("torch", "PyTorch")
         try:
             dev = torch.device(device)
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError, ValueError):
             raise BackendUnavailable(
-                f"PyTorch does not know the device {device!r} ({exc})"
+                f"PyTorch devices are cpu, cuda or cuda:N, not {device!r}"
             ) from None
         if dev.type == "cuda":
             if not torch.cuda.is_available():
-                raise BackendUnavailable("PyTorch is installed but sees no CUDA GPU")
+                build = (
+                    "a CPU-only build"
+                    if torch.version.cuda is None
+                    else f"built for CUDA {torch.version.cuda}"
+                )
+                raise BackendUnavailable(
+                    f"PyTorch {torch.__version__} ({build}) sees no CUDA GPU, "
+                    f"so it cannot use {device!r}"
+                )
+            count = torch.cuda.device_count()
+            if dev.index is not None and dev.index >= count:
+                raise BackendUnavailable(
+                    f"PyTorch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; "
+                    f"there is no {device!r}"
+                )
             dev = torch.device(
                 "cuda", torch.cuda.current_device() if dev.index is None else dev.index
             )
         elif dev.type != "cpu":
-            raise BackendUnavailable(f"device {device!r}: expected cpu or cuda[:N]")
+            raise BackendUnavailable(
+                f"PyTorch devices are cpu, cuda or cuda:N, not {device!r} (rnn-xp does not "
+                f"run on {dev.type})"
+            )
         import array_api_compat.torch as xp
 
         def block(a: Any) -> Any:
@@ -249,7 +284,15 @@ def _cupy(index: int = 0) -> Callable[[], Loaded]:
         cp = _import("cupy", "CuPy")
         # is_available() is False when CuPy is installed but no GPU or driver is present.
         if not cp.is_available():
-            raise BackendUnavailable("CuPy is installed but no CUDA GPU is available")
+            raise BackendUnavailable(
+                f"CuPy {cp.__version__} is installed but sees no CUDA GPU (no GPU, or no "
+                "driver for its CUDA version)"
+            )
+        count = cp.cuda.runtime.getDeviceCount()
+        if not 0 <= index < count:
+            raise BackendUnavailable(
+                f"CuPy sees {count} CUDA GPU(s), 0 to {count - 1}; there is no GPU {index}"
+            )
         import array_api_compat.cupy as xp
 
         dev = cp.cuda.Device(index)
@@ -289,9 +332,13 @@ BACKENDS: dict[str, Backend] = {
 def for_run(name: str, device: str | None = None) -> Loaded:
     """The backend ``rnn-xp run`` and ``rnn-xp train`` use: a library and a device.
 
-    ``device`` is a torch device string (``cuda:1``), a CuPy GPU index, or a JAX
-    platform (``cpu``, ``gpu``); None means the library's default.
+    ``device`` is a torch device string (``cpu``, ``cuda``, ``cuda:1``), a CuPy
+    GPU index (``1``, or ``cuda:1``), or a JAX platform (``cpu``, ``gpu``); None
+    means the library's default. A device that does not exist here raises
+    `BackendUnavailable` before anything is allocated on it.
     """
+    if device is not None and (not isinstance(device, str) or not device.strip()):
+        raise BackendUnavailable(f"expected a device name such as cpu or cuda:0, got {device!r}")
     if name == "numpy":
         if device not in (None, "cpu"):
             raise BackendUnavailable(f"NumPy runs on the CPU only, not on {device!r}")
@@ -299,11 +346,17 @@ def for_run(name: str, device: str | None = None) -> Loaded:
     if name == "torch":
         return _torch(device or "cpu")()
     if name == "jax":
+        platforms = ("cpu", "gpu", "cuda", "rocm", "tpu")
+        if device is not None and device not in platforms:
+            raise BackendUnavailable(
+                f"JAX devices are platform names ({', '.join(platforms)}), not {device!r}"
+            )
         return _jax(device or "cpu")()
     if name == "cupy":
-        try:
-            index = int(device or 0)
-        except ValueError:
-            raise BackendUnavailable(f"CuPy devices are GPU indices, not {device!r}") from None
-        return _cupy(index)()
+        text = "0" if device is None else device.removeprefix("cuda:")
+        if not text.isdigit():
+            raise BackendUnavailable(
+                f"CuPy devices are GPU indices (0, 1, ... or cuda:N), not {device!r}"
+            )
+        return _cupy(int(text))()
     raise BackendUnavailable(f"unknown backend {name!r}")

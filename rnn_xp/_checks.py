@@ -13,6 +13,8 @@ from typing import Any
 
 from array_api_compat import array_namespace, device, is_array_api_obj
 
+from ._backends import refusal
+
 __all__ = [
     "check_bias",
     "check_shape",
@@ -31,13 +33,7 @@ def common(**arrays: Any) -> tuple[ModuleType, Any, Any]:
     given = {name: a for name, a in arrays.items() if a is not None}
     xp = _namespace(given)
     for name, a in given.items():
-        # array_namespace lets Python scalars through; an RNN input never is one.
-        if type(a) in (bool, int, float, complex):
-            raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
-        if not _real_floating(xp, a.dtype):
-            raise TypeError(
-                f"{name}: expected a real floating dtype (float32 or float64), got {a.dtype}"
-            )
+        _check_array(name, xp, a)
     dev = _common_device(given)
     return xp, xp.result_type(*given.values()), dev
 
@@ -45,17 +41,25 @@ def common(**arrays: Any) -> tuple[ModuleType, Any, Any]:
 def real_floating(**arrays: Any) -> None:
     """Each array (of any library, each by its own namespace) is real floating."""
     for name, a in arrays.items():
-        if a is None:
-            continue
-        if type(a) in (bool, int, float, complex):
-            raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+        if a is not None:
+            _check_array(name, None, a)
+
+
+def _check_array(name: str, xp: ModuleType | None, a: Any) -> None:
+    """``a`` is a plain real floating array (of ``xp``, or of its own namespace if None)."""
+    # array_namespace lets Python scalars through; an RNN input never is one.
+    if type(a) in (bool, int, float, complex):
+        raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+    if xp is None:
         if not is_array_api_obj(a):
             got = f"{type(a).__module__}.{type(a).__name__}"
             raise TypeError(f"{name}: expected an array, got {got}")
-        if not _real_floating(array_namespace(a), a.dtype):
-            raise TypeError(
-                f"{name}: expected a real floating dtype (float32 or float64), got {a.dtype}"
-            )
+        xp = array_namespace(a)
+    _check_plain(name, a)
+    if not _real_floating(xp, a.dtype):
+        raise TypeError(
+            f"{name}: expected a real floating dtype (such as float32 or float64), got {a.dtype}"
+        )
 
 
 def _real_floating(xp: ModuleType, dtype: Any) -> bool:
@@ -190,6 +194,12 @@ def sum_to_shape(xp: ModuleType, g: Any, shape: tuple[int, ...]) -> Any:
     return xp.reshape(g, shape) if lead else g
 
 
+def _check_plain(name: str, a: Any) -> None:
+    why = refusal(a)
+    if why is not None:
+        raise TypeError(f"{name}: expected a plain array, got {why}; pass np.asarray({name})")
+
+
 def check_companion(name: str, a: Any, xp: ModuleType, dev: Any, kind: str) -> None:
     """Check an index-like input (lengths, masks): an array of ``xp`` on ``dev``, of ``kind``.
 
@@ -197,6 +207,7 @@ def check_companion(name: str, a: Any, xp: ModuleType, dev: Any, kind: str) -> N
     """
     if not is_array_api_obj(a) or type(a) in (bool, int, float, complex):
         raise TypeError(f"{name}: expected an array, got {type(a).__module__}.{type(a).__name__}")
+    _check_plain(name, a)
     if array_namespace(a) is not xp:
         raise TypeError(
             f"{name}: expected an array of the same library as xs ({xp.__name__}), "

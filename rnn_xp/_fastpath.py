@@ -184,8 +184,11 @@ def _plus_product(lib: Any, out, c, a, b, scratch=None) -> None:
         lib.add(out, c, out=out)
 
 
-def _halve_columns(lib: Any, a, blocks):
-    """A copy of the weight or bias ``a`` with the column ``blocks`` ``(lo, hi)`` halved.
+def _halve_columns(lib: Any, a, blocks, G: int):
+    """A copy of the weight or bias ``a`` (``G`` columns) with the column ``blocks`` halved.
+
+    A bias whose last axis broadcasts ((1,), (N, 1), 0-d) is widened to ``G``
+    columns first: halving its one column would halve every gate.
 
     sigmoid(x) = 0.5 * tanh(x / 2) + 0.5: with the sigmoid gates' columns of
     every weight and bias halved (exactly: a power of two), one tanh over a
@@ -194,7 +197,11 @@ def _halve_columns(lib: Any, a, blocks):
     """
     if a is None:
         return None
-    out = lib.copy(a)
+    if a.ndim and a.shape[-1] == G:
+        out = lib.copy(a)
+    else:  # a bias shared by every column, (1,), (N, 1) or 0-d: one entry per column
+        out = lib.empty((*a.shape[:-1], G), dtype=a.dtype) if a.ndim else lib.empty((G,), a.dtype)
+        lib.copyto(out, a)
     for lo, hi in blocks:
         lib.multiply(out[..., lo:hi], 0.5, out=out[..., lo:hi])
     return out
@@ -250,10 +257,10 @@ def _gate_major(lib, a, n: int):
 def _lstm(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
     H = Wh.shape[0]
     sigmoids = [(0, 2 * H), (3 * H, 4 * H)]  # i, f and o; g is a tanh
-    ax = _project(
-        lib, xs, _halve_columns(lib, Wx, sigmoids), _halve_columns(lib, bx, sigmoids), False
-    )  # the halved copies of Wx and bx are dropped as soon as the projection is done
-    Wh, bh = _halve_columns(lib, Wh, sigmoids), _halve_columns(lib, bh, sigmoids)
+    halve = functools.partial(_halve_columns, lib, blocks=sigmoids, G=4 * H)
+    ax = _project(lib, xs, halve(Wx), halve(bx), False)
+    # the halved copies of Wx and bx are dropped as soon as the projection is done
+    Wh, bh = halve(Wh), halve(bh)
     N, T, G = ax.shape
     dtype = ax.dtype
     hs = lib.empty((T, N, H), dtype=dtype)  # time-major: each step contiguous
@@ -304,11 +311,9 @@ def _lstm(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
 
 def _gru(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
     H = Wh.shape[0]
-    sigmoids = [(0, 2 * H)]  # r and z; n is a tanh
-    ax = _project(
-        lib, xs, _halve_columns(lib, Wx, sigmoids), _halve_columns(lib, bx, sigmoids), False
-    )
-    Wh, bh = _halve_columns(lib, Wh, sigmoids), _halve_columns(lib, bh, sigmoids)
+    halve = functools.partial(_halve_columns, lib, blocks=[(0, 2 * H)], G=3 * H)  # r and z
+    ax = _project(lib, xs, halve(Wx), halve(bx), False)
+    Wh, bh = halve(Wh), halve(bh)
     N, T, G = ax.shape
     dtype = ax.dtype
     hs = lib.empty((T, N, H), dtype=dtype)  # time-major: each step contiguous

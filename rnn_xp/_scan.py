@@ -23,8 +23,10 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, NamedTuple, Protocol
 
+from array_api_compat import device
+
 from . import _checks, _fastpath
-from ._backends import zeros_like
+from ._backends import zeros, zeros_like
 
 Array = Any
 State = tuple[Array, ...]
@@ -80,10 +82,25 @@ def _bias_over_time(xp: ModuleType, b: Array) -> Array:
     return xp.expand_dims(b, axis=-2) if b.ndim == 2 else b
 
 
+def _rows(xp: ModuleType, a: Array) -> Array:
+    """(N, T, K) as (N*T, K), the rows of one matrix product."""
+    N, T, K = a.shape
+    if N * T == 0:  # Dask cannot reshape an empty array; an empty one of the shape will do
+        return zeros(xp, (0, K), a.dtype, device(a))
+    return xp.reshape(a, (N * T, K))
+
+
+def _unrows(xp: ModuleType, a: Array, N: int, T: int) -> Array:
+    """(N*T, K) as (N, T, K): the inverse of `_rows`."""
+    if N * T == 0:
+        return zeros(xp, (N, T, a.shape[1]), a.dtype, device(a))
+    return xp.reshape(a, (N, T, a.shape[1]))
+
+
 def project(xp: ModuleType, xs: Array, Wx: Array, bx: Array | None) -> Array:
     """``xs @ Wx + bx`` for all N*T rows as one matrix product: (N, T, G)."""
-    N, T, D = xs.shape
-    ax = xp.reshape(xp.reshape(xs, (N * T, D)) @ Wx, (N, T, Wx.shape[1]))
+    N, T, _ = xs.shape
+    ax = _unrows(xp, _rows(xp, xs) @ Wx, N, T)
     return ax if bx is None else ax + _bias_over_time(xp, bx)
 
 
@@ -108,7 +125,14 @@ def forward(
     tape is None. ``zero_state=True`` promises that ``state0`` is all zeros,
     which lets a fast path skip the first step's recurrent product.
     """
-    mask3 = None if mask is None else xp.expand_dims(mask, axis=-1)
+    mask3 = None
+    if mask is not None:
+        mask3 = xp.expand_dims(mask, axis=-1)
+        # A masked step is absent, whatever it holds (NaN is a common padding
+        # value). It still runs, carrying the state through, so it gets a zero
+        # input: anything else would reach the saved gates, and through them
+        # every gradient (0 * NaN is NaN), and dWx through xs.T @ dax.
+        xs = xp.where(mask3, xs, zeros(xp, (), xs.dtype, device(xs)))
     stacked = False
     try:
         outs, state, saved, h_prev = _fastpath.forward_fused(
@@ -157,8 +181,8 @@ def backward(
     ``douts`` (N, T, H) is the gradient with respect to the outputs and
     ``dstate_n`` with respect to the final state, None entries meaning zero.
     """
-    xs, Wx, Wh, bx, bh, h_prev = tape.xs, tape.Wx, tape.Wh, tape.bx, tape.bh, tape.h_prev
-    N, T, D = xs.shape
+    xs, Wx, bx, bh, h_prev = tape.xs, tape.Wx, tape.bx, tape.bh, tape.h_prev
+    N, T = xs.shape[0], xs.shape[1]
     zero = zeros_like(xp, douts[:, 0, :])
     if tape.stacked:
         dstate = tuple(zero if d is None else d for d in dstate_n)
@@ -170,12 +194,10 @@ def backward(
             dax3, dah3, dstate = _backward_loop(xp, cell, tape, douts, dstate_n, zero)
         h_prev3 = xp.stack(h_prev, axis=1)
 
-    G = Wx.shape[1]
-    dax2 = xp.reshape(dax3, (N * T, G))
-    dah2 = xp.reshape(dah3, (N * T, G))
-    dxs = xp.reshape(dax2 @ Wx.T, (N, T, D))
-    dWx = xp.reshape(xs, (N * T, D)).T @ dax2
-    dWh = xp.reshape(h_prev3, (N * T, Wh.shape[0])).T @ dah2
+    dax2, dah2 = _rows(xp, dax3), _rows(xp, dah3)
+    dxs = _unrows(xp, dax2 @ Wx.T, N, T)
+    dWx = _rows(xp, xs).T @ dax2
+    dWh = _rows(xp, h_prev3).T @ dah2
     dbx = None if bx is None else _checks.sum_to_shape(xp, xp.sum(dax3, axis=1), tuple(bx.shape))
     dbh = None if bh is None else _checks.sum_to_shape(xp, xp.sum(dah3, axis=1), tuple(bh.shape))
     return dxs, dstate, dWx, dWh, dbx, dbh

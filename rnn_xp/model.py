@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device
+from array_api_compat import array_namespace, device, is_numpy_array
 
 from . import _checks, _fastpath, _scan
 from ._backends import arange, asarray, zeros
@@ -100,6 +100,53 @@ class Recurrent:
         like: Array | None = None,
         dtype: Any = "float32",
     ) -> None:
+        self._configure(
+            mode,
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            bidirectional,
+            dropout,
+            like=like,
+            dtype=dtype,
+        )
+        rng = np.random.default_rng(seed)
+        k = 1 / np.sqrt(self.hidden_size)
+        self._params = {
+            name: asarray(self._xp, rng.uniform(-k, k, shape), self._dtype, self._device)
+            for name, shape in self._shapes().items()
+        }
+
+    @classmethod
+    def _configured(cls, *args: Any, **kwargs: Any) -> Recurrent:
+        """A model configured as ``Recurrent(*args, **kwargs)`` would be, with no parameters.
+
+        For loaders: the configuration is validated and nothing is allocated;
+        the caller then gives the parameters with `load_state_dict`, which
+        checks them against the shapes the configuration fixes. A file that
+        claims a huge ``hidden_size`` so costs nothing before that check.
+        """
+        model = cls.__new__(cls)
+        model._configure(*args, **kwargs)
+        model._params = {}
+        return model
+
+    def _configure(
+        self,
+        mode: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        *,
+        like: Array | None = None,
+        dtype: Any = "float32",
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
         if not 0 <= dropout < 1:
@@ -130,13 +177,6 @@ class Recurrent:
         if self._dtype is None or not self._xp.isdtype(self._dtype, "real floating"):
             raise TypeError(f"dtype: expected a real floating dtype, got {dtype!r}")
 
-        rng = np.random.default_rng(seed)
-        k = 1 / np.sqrt(self.hidden_size)
-        self._params = {
-            name: asarray(self._xp, rng.uniform(-k, k, shape), self._dtype, self._device)
-            for name, shape in self._shapes().items()
-        }
-
     # -- parameters ----------------------------------------------------------
 
     def _names(self, layer: int, direction: int) -> tuple[str, str, str, str]:
@@ -165,17 +205,42 @@ class Recurrent:
     def load_state_dict(self, state: Mapping[str, Array]) -> None:
         """Replace the parameters; ``state`` must have exactly this model's keys and shapes.
 
-        The arrays must be of the model's namespace; they are used as given.
+        Every array must be real floating and either of the model's library, on
+        its device, or a NumPy array, which is copied there. Each takes the
+        model's dtype, as torch's ``load_state_dict`` copies into its
+        parameters: a float64 array given to a float32 model is rounded, so the
+        model always computes in its own dtype. An array already of the model's
+        library and dtype is used as given (a torch leaf that requires grad, a
+        JAX tracer). Nothing is replaced unless every array passes.
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a mapping of names to arrays, got {type(state)}")
         shapes = self._shapes()
         if set(state) != set(shapes):
             missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
             raise ValueError(f"state: missing keys {missing}, unexpected keys {extra}")
+        params = {}
         for name, shape in shapes.items():
-            _checks.common(**{name: state[name]})
-            if tuple(state[name].shape) != shape:
-                raise ValueError(f"{name}: expected shape {shape}, got {tuple(state[name].shape)}")
-        self._params = {name: state[name] for name in shapes}
+            a = state[name]
+            xp, _, dev = _checks.common(**{name: a})
+            if tuple(a.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {tuple(a.shape)}")
+            if xp is not self._xp:
+                if not is_numpy_array(a):
+                    raise TypeError(
+                        f"{name}: expected an array of the model's library "
+                        f"({self._xp.__name__}) or a NumPy array, "
+                        f"got {type(a).__module__}.{type(a).__name__}"
+                    )
+                params[name] = asarray(self._xp, a, self._dtype, self._device)
+                continue
+            if dev is not None and self._device is not None and dev != self._device:
+                raise ValueError(
+                    f"{name}: expected an array on the model's device ({self._device}), "
+                    f"got one on {dev}"
+                )
+            params[name] = a if a.dtype == self._dtype else xp.astype(a, self._dtype)
+        self._params = params
 
     def save(self, path: Any, extra: Mapping[str, Array] | None = None) -> None:
         """Write the model to ``path`` (.npz or .safetensors); see `rnn_xp.io.save`."""
@@ -395,7 +460,7 @@ class Recurrent:
         _checks.check_companion("lengths", lengths, xp, dev, "integral")
         _checks.check_shape("lengths", lengths, [("N", N)])
         # One host round trip per call, before the loop, to reject bad lengths.
-        low, high = int(xp.min(lengths)), int(xp.max(lengths))
+        low, high = (int(xp.min(lengths)), int(xp.max(lengths))) if N else (1, T)
         if low < 1 or high > T:
             raise ValueError(
                 f"lengths: expected every length in [1, T={T}], got values from {low} to {high}"
@@ -516,7 +581,7 @@ class Recurrent:
 def _dtype_name(dtype: Any) -> str:
     # str() of a dtype differs by library (float32, torch.float32, a jax class).
     text = str(dtype)
-    for name in ("float64", "float32", "float16", "bfloat16"):
+    for name in ("float64", "float32", "bfloat16", "float16"):  # bfloat16 before its substring
         if name in text:
             return name
     raise TypeError(f"dtype: cannot name {dtype!r}")

@@ -1,0 +1,136 @@
+"""Regressions for silent wrong answers found by an adversarial look at the Python API.
+
+Each was a plausible call that returned a wrong result, or a traceback, instead
+of the right answer or one clear refusal. `tests/test_invariant.py` covers the
+whole input space for the fast/generic agreement; these pin the reported cases
+against independent references, on every backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import rnn_xp
+from tests.support import assert_close, ref_gru_forward, ref_lstm_forward
+
+N, T, D, H = 3, 4, 2, 5
+ONE_COLUMN = {"(1,)": (1,), "(N, 1)": (N, 1), "(1, 1)": (1, 1), "0-d": ()}
+
+
+@pytest.mark.parametrize("shape", list(ONE_COLUMN.values()), ids=list(ONE_COLUMN))
+def test_lstm_and_gru_bias_of_one_column_adds_to_every_gate(backend, shape):
+    # The fused loops halve the sigmoid gates' bias columns; a bias of one
+    # column broadcast over all gates used to be halved for every gate (or
+    # raised IndexError when 0-d).
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((N, T, D))
+    b = np.full(shape, 0.7)
+    full = np.broadcast_to(b, (N, 1)) + np.zeros((N, 4 * H))
+    Wx, Wh = rng.standard_normal((D, 4 * H)), rng.standard_normal((H, 4 * H)) / np.sqrt(H)
+    zero = np.zeros((N, H))
+    a = {k: backend.asarray(v) for k, v in {"xs": xs, "Wx": Wx, "Wh": Wh, "b": b}.items()}
+
+    hs, _, _, _ = rnn_xp.lstm_forward(a["xs"], a["Wx"], a["Wh"], a["b"])
+    want, _ = ref_lstm_forward(xs, Wx, Wh, full, zero, zero)
+    assert_close(backend.to_numpy(hs), want, "float64", "lstm hs")
+
+    G = 3 * H
+    hs, _, _ = rnn_xp.gru_forward(a["xs"], a["Wx"][:, :G], a["Wh"][:, :G], a["b"], a["b"])
+    want = ref_gru_forward(xs, Wx[:, :G], Wh[:, :G], full[:, :G], full[:, :G], zero)
+    assert_close(backend.to_numpy(hs), want, "float64", "gru hs")
+
+
+@pytest.mark.parametrize("padding", ["lengths", "mask"])
+@pytest.mark.parametrize("mode", list(rnn_xp.MODES))
+def test_nan_in_padded_steps_reaches_no_output_or_gradient(backend, mode, padding):
+    # NaN is a common padding value. A padded step is absent: its content must
+    # not matter, while 0 * NaN is NaN in any masked product.
+    rng = np.random.default_rng(1)
+    like = backend.asarray(np.zeros(1))
+    model = rnn_xp.Recurrent(
+        mode, D, H, 2, batch_first=True, bidirectional=True, seed=0, like=like, dtype="float64"
+    )
+    n = np.array([4, 1, 3])
+    valid = np.arange(T)[None, :] < n[:, None]
+    if padding == "mask":
+        valid[2, 0] = False  # a gap at the start, as left padding leaves
+    xs, dout = rng.standard_normal((N, T, D)), rng.standard_normal((N, T, 2 * H))
+    steps = {"lengths": n} if padding == "lengths" else {"mask": valid}
+    steps = {k: backend.asarray(v) for k, v in steps.items()}
+
+    def run(pad):
+        x, d = xs.copy(), dout.copy()
+        x[~valid], d[~valid] = pad, pad
+        out, _ = model.forward(backend.asarray(x), **steps)
+        dxs = model.backward(backend.asarray(d))
+        return backend.to_numpy_all([out, dxs, *model.grads.values()])
+
+    clean, poisoned = run(0.0), run(np.nan)
+    for i, (want, got) in enumerate(zip(clean, poisoned)):
+        assert np.isfinite(got).all(), f"result {i} holds NaN"
+        assert_close(got, want, "float64", f"result {i}")
+
+
+ODD = {
+    "matrix": (np.matrix, r"numpy\.matrix, whose \* is a matrix product"),
+    "masked": (np.ma.masked_array, r"numpy\.ma\.MaskedArray, whose mask would be ignored"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("odd", list(ODD))
+@pytest.mark.parametrize("name", ["x", "h_prev", "Wx", "b"])
+def test_numpy_matrix_and_masked_arrays_are_refused(name, odd):
+    # On np.matrix `*` is a matrix product, and a masked array's mask would be
+    # ignored: the LSTM's elementwise algebra would compute something else.
+    rng = np.random.default_rng(2)
+    a = {
+        "x": rng.standard_normal((N, D)),
+        "h_prev": rng.standard_normal((N, H)),
+        "c_prev": rng.standard_normal((N, H)),
+        "Wx": rng.standard_normal((D, 4 * H)),
+        "Wh": rng.standard_normal((H, 4 * H)),
+        "b": rng.standard_normal((1, 4 * H)),
+    }
+    make, what = ODD[odd]
+    with pytest.raises(TypeError, match=rf"{name}: expected a plain array, got {what}"):
+        rnn_xp.lstm_cell_forward(**(a | {name: make(a[name])}))
+
+
+def test_load_state_dict_gives_arrays_the_models_dtype_and_library(tmp_path):
+    model = rnn_xp.Recurrent("gru", D, H, seed=0, dtype="float32")
+    wider = {k: v.astype(np.float64) + 1e-9 for k, v in model.state_dict().items()}
+    model.load_state_dict(wider)
+    for name, value in model.state_dict().items():
+        assert value.dtype == np.float32, name
+        np.testing.assert_array_equal(value, wider[name].astype(np.float32), err_msg=name)
+    xs = np.random.default_rng(3).standard_normal((2, N, D)).astype(np.float32)
+    assert model.forward(xs)[0].dtype == np.float32
+    model.save(tmp_path / "w.npz")
+    again = rnn_xp.load(tmp_path / "w.npz")
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(again.state_dict()[name], value, err_msg=name)
+        assert again.state_dict()[name].dtype == value.dtype
+
+
+def test_load_state_dict_moves_numpy_arrays_and_refuses_other_libraries():
+    torch = pytest.importorskip("torch")
+    strict = pytest.importorskip("array_api_strict")
+    model = rnn_xp.Recurrent("lstm", D, H, seed=0, like=torch.zeros(1), dtype="float64")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    from_numpy = {k: v.numpy().astype(np.float32) for k, v in before.items()}
+    model.load_state_dict(from_numpy)
+    for name, value in model.state_dict().items():
+        assert isinstance(value, torch.Tensor)
+        assert value.dtype == torch.float64, name
+
+    other = dict(from_numpy, weight_hh_l0=strict.asarray(from_numpy["weight_hh_l0"]))
+    kept = model.state_dict()
+    with pytest.raises(
+        TypeError,
+        match=r"weight_hh_l0: expected an array of the model's library \(array_api_compat\.torch\) "
+        r"or a NumPy array, got array_api_strict",
+    ):
+        model.load_state_dict(other)
+    assert all(model.state_dict()[k] is v for k, v in kept.items())  # nothing replaced
