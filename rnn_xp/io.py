@@ -3,34 +3,207 @@
 Two formats, chosen by the file's suffix:
 
 * ``.npz``: one array per parameter, under torch's names, plus ``__config__``, the
-  configuration as a JSON string stored as a NumPy unicode array. It loads with
-  ``allow_pickle=False``.
+  configuration as a JSON string stored as a NumPy unicode array.
 * ``.safetensors``: the same tensors; the configuration is in the header's
   metadata under ``"rnn_xp"``. Needs the ``safetensors`` package (extra ``io``).
 
-The configuration holds ``mode``, ``input_size``, ``hidden_size``, ``num_layers``,
-``bidirectional``, ``nonlinearity``, ``bias``, ``batch_first``, ``dropout`` and
-``dtype``. Extra arrays (a readout layer, say) may be saved beside the model
-under keys starting with ``extra.``; `load_extra` returns them. A round trip
-reproduces the parameters bit for bit.
+The configuration holds ``format``, ``mode``, ``input_size``, ``hidden_size``,
+``num_layers``, ``bidirectional``, ``nonlinearity``, ``bias``, ``batch_first``,
+``dropout`` and ``dtype``. Extra arrays (a readout layer, say) may be saved beside
+the model under keys starting with ``extra.``; `load_extra` returns them. A round
+trip reproduces the parameters bit for bit.
+
+Reading treats the file as untrusted. Nothing is ever unpickled (a ``.npz`` is
+parsed member by member with `numpy.lib.format`, never through ``np.load``; a
+torch file goes through ``torch.load(weights_only=True)``), and every size a file
+states is compared with the file's real size and with the sizes its configuration
+implies before anything of that size is allocated or decompressed. Every way a
+file can be wrong raises `WeightsError`, whose message is one line.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+import pickle
+import re
+import stat
+import struct
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
+from array_api_compat import array_namespace
 
-from ._backends import asarray
 from .model import MODES, Recurrent, _dtype_name
 
-__all__ = ["infer_config", "load", "load_extra", "load_torch", "save"]
+__all__ = ["WeightsError", "infer_config", "load", "load_extra", "load_torch", "save"]
 
 FORMAT = 1
 EXTRA = "extra."
+CONFIG_KEYS = (
+    "format",
+    "mode",
+    "input_size",
+    "hidden_size",
+    "num_layers",
+    "bidirectional",
+    "nonlinearity",
+    "bias",
+    "batch_first",
+    "dropout",
+    "dtype",
+)
+DTYPES = ("float16", "float32", "float64")
+"""Parameter dtypes both formats (and NumPy) hold."""
+
+# Limits on what a file may claim before it is believed. A .npy header of ours is
+# under 128 bytes and a configuration under 400 characters; a model's safetensors
+# header grows by ~100 bytes a tensor, so 16 MiB is ~160,000 tensors.
+_NPY_HEAD = 16384
+_CONFIG_BYTES = 1 << 20
+_SAFETENSORS_HEADER = 16 << 20
+# Deflate cannot expand its input more than 1032-fold; a member claiming more is a
+# zip bomb (or damaged) and is refused before it is decompressed.
+_DEFLATE_RATIO = 1032
+_CHUNK = 1 << 20
+_SAFETENSORS_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "U32": "uint32",
+    "I32": "int32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+}
+# The errors reading a damaged zip archive can raise, besides BadZipFile.
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    ValueError,
+    OverflowError,
+    struct.error,
+    NotImplementedError,
+    RuntimeError,
+)
+_KINDS = {dict: "dict", list: "list", str: "string", bool: "bool", int: "integer", float: "number"}
+_TORCH_KEY = re.compile(r"(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(0|[1-9][0-9]{0,5})")
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read as a model: one line, naming the argument.
+
+    ``argument`` is the name under which the caller gave the file (``path`` in
+    the Python API; the command line puts its option, such as ``--weights``,
+    there) and ``detail`` says what is wrong with it, naming the file. A missing
+    file raises a subclass that is also a `FileNotFoundError`; a missing optional
+    package (``safetensors``, ``torch``) one that is also an `ImportError`.
+    """
+
+    def __init__(self, argument: str, detail: str) -> None:
+        super().__init__(f"{argument}: {detail}")
+        self.argument, self.detail = argument, detail
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Raised in Dask workers too: it must survive pickling, and its args are
+        # not its constructor's.
+        return type(self), (self.argument, self.detail)
+
+
+class _NotFound(WeightsError, FileNotFoundError):
+    """A weights file that does not exist."""
+
+
+class _MissingPackage(WeightsError, ImportError):
+    """A weights file whose format needs an optional package that is not installed."""
+
+
+class _Source(NamedTuple):
+    """Where the tensors come from, for error messages: the argument and how to name it."""
+
+    argument: str  # 'path' or 'state'
+    name: str  # the file's path as repr, or 'the state_dict'
+
+    def __str__(self) -> str:
+        return self.name
+
+    def error(self, detail: str) -> WeightsError:
+        return WeightsError(self.argument, detail)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to one short line (values read from a file can be anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _names(keys: Any, limit: int = 4) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(_short(k, 40) for k in keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}]"
+
+
+def _differences(missing: Any, unexpected: Any) -> str:
+    """``missing [...], unexpected [...]``, leaving out an empty one."""
+    parts = [f"missing {_names(missing)}"] if missing else []
+    if unexpected:
+        parts.append(f"unexpected {_names(unexpected)}")
+    return ", ".join(parts)
+
+
+def _reason(exc: BaseException) -> str:
+    """A library's message as one short line."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _kind(value: Any) -> str:
+    """What ``value`` is, in words: 'a list', 'a torch.Tensor', 'None'."""
+    if value is None:
+        return "None"
+    kind = type(value)
+    return f"a {_KINDS.get(kind) or kind.__module__ + '.' + kind.__qualname__}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    # Python integers: a claimed shape cannot overflow this product.
+    return math.prod(shape) * dtype.itemsize
+
+
+def _text(path: Any) -> str:
+    try:
+        text = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise TypeError(
+            f"path: expected a str or os.PathLike, got {type(path).__module__}."
+            f"{type(path).__name__}"
+        ) from None
+    if "\0" in text:
+        raise WeightsError("path", f"{text!r} contains a NUL character")
+    return text
+
+
+# -- configuration ------------------------------------------------------------
 
 
 def _config(model: Recurrent) -> dict[str, Any]:
@@ -49,6 +222,156 @@ def _config(model: Recurrent) -> dict[str, Any]:
     }
 
 
+def _check_config(src: _Source, config: Any) -> dict[str, Any]:
+    """``config`` (parsed JSON) if it is a configuration this version reads."""
+
+    def bad(key: str, expected: str) -> WeightsError:
+        return src.error(
+            f"{src}: the configuration's {key} is {_short(config[key])}; expected {expected}"
+        )
+
+    if not isinstance(config, dict):
+        raise src.error(f"{src}: the configuration is {_kind(config)}; expected a JSON object")
+    if "format" not in config:
+        raise src.error(f"{src}: the configuration has no format; expected format {FORMAT}")
+    if not _is_int(config["format"]) or config["format"] < 1:
+        raise bad("format", f"a positive integer (format {FORMAT})")
+    if config["format"] > FORMAT:
+        raise src.error(
+            f"{src} was written by a newer rnn-xp (format {config['format']}); this version "
+            f"reads format {FORMAT}: upgrade rnn-xp"
+        )
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    unexpected = [k for k in config if k not in CONFIG_KEYS]
+    if missing or unexpected:
+        raise src.error(f"{src}: the configuration's keys: {_differences(missing, unexpected)}")
+    mode = config["mode"]
+    if not isinstance(mode, str) or mode not in MODES:
+        raise bad("mode", f"one of {', '.join(map(repr, MODES))}")
+    for key in ("input_size", "hidden_size", "num_layers"):
+        if not _is_int(config[key]) or config[key] < 1:
+            raise bad(key, "a positive integer")
+    for key in ("bidirectional", "bias", "batch_first"):
+        if not isinstance(config[key], bool):
+            raise bad(key, "true or false")
+    dropout = config["dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise bad("dropout", "a probability in [0, 1)")
+    if config["dtype"] not in DTYPES:
+        raise bad("dtype", f"one of {', '.join(map(repr, DTYPES))}")
+    nonlinearity = mode.removeprefix("rnn_") if mode.startswith("rnn") else None
+    if config["nonlinearity"] != nonlinearity:
+        raise bad("nonlinearity", f"{nonlinearity!r} for mode {mode!r}")
+    return dict(config)
+
+
+def _parse_config(src: _Source, text: str) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # not JSON, too deep, too many digits
+        raise src.error(f"{src}: the configuration is not valid JSON ({_reason(exc)})") from None
+    return _check_config(src, config)
+
+
+def _describe(config: dict[str, Any]) -> str:
+    return (
+        f"{config['mode']}, input_size {config['input_size']}, hidden_size "
+        f"{config['hidden_size']}, {config['num_layers']} layer(s)"
+        f"{', bidirectional' if config['bidirectional'] else ''}"
+        f"{'' if config['bias'] else ', no bias'}"
+    )
+
+
+# -- checking tensors against a configuration ------------------------------------
+
+
+class _Tensor(NamedTuple):
+    """What a file says about one array, before its data is read."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+def _configured(src: _Source, config: dict[str, Any], like: Any) -> Recurrent:
+    """The model ``config`` describes, with no parameters: nothing is allocated."""
+    args = [config[k] for k in ("mode", "input_size", "hidden_size", "num_layers", "bias")]
+    try:
+        return Recurrent._configured(
+            *args,
+            batch_first=config["batch_first"],
+            bidirectional=config["bidirectional"],
+            dropout=config["dropout"],
+            like=like,
+            dtype=config["dtype"],
+        )
+    except TypeError:
+        if like is None:
+            raise
+        # The configuration is checked: only like's library can lack its dtype.
+        raise TypeError(
+            f"like: {array_namespace(like).__name__} has no {config['dtype']} dtype, the "
+            f"dtype of {src}"
+        ) from None
+
+
+def _check_tensors(src: _Source, config: dict[str, Any], found: dict[str, _Tensor]) -> None:
+    """Check that ``found`` (the model's tensors, extras left out) fits ``config`` exactly.
+
+    The number of tensors is compared first, by arithmetic, so a configuration
+    claiming 10**9 layers costs nothing; the names, dtypes and shapes then.
+    """
+    per_layer = (4 if config["bias"] else 2) * (2 if config["bidirectional"] else 1)
+    needed = per_layer * config["num_layers"]
+    if needed > len(found) + 64:
+        raise src.error(
+            f"{src} holds {len(found)} parameter arrays; expected {needed} for {_describe(config)}"
+        )
+    shapes = _configured(src, config, None)._shapes()
+    missing, unexpected = set(shapes) - set(found), set(found) - set(shapes)
+    if missing or unexpected:
+        raise src.error(
+            f"{src}: expected the parameters of {_describe(config)}; "
+            f"{_differences(missing, unexpected)}"
+        )
+    for name, shape in shapes.items():
+        dtype, actual = found[name]
+        if dtype.name != config["dtype"]:
+            raise src.error(
+                f"{src}: {name} has dtype {dtype}; expected {config['dtype']}, the "
+                "configuration's dtype"
+            )
+        if actual != shape:
+            raise src.error(
+                f"{src}: {name} has shape {_short(actual)}; expected {shape} for "
+                f"{_describe(config)}"
+            )
+
+
+def _build(
+    src: _Source, config: dict[str, Any], params: dict[str, np.ndarray], like: Any
+) -> Recurrent:
+    """A model of ``config`` holding ``params``; WeightsError unless they fit exactly."""
+    _check_tensors(src, config, {k: _Tensor(v.dtype, tuple(v.shape)) for k, v in params.items()})
+    model = _configured(src, config, like)
+    model.load_state_dict(params)
+    return model
+
+
+def _check_like(like: Any) -> None:
+    if like is None:
+        return
+    try:
+        array_namespace(like)
+    except TypeError:
+        raise TypeError(
+            "like: expected an array of the library, on the device, that should hold the "
+            f"parameters, got {type(like).__module__}.{type(like).__name__}"
+        ) from None
+
+
+# -- save -------------------------------------------------------------------------
+
+
 def _to_numpy(a: Any) -> np.ndarray:
     # Any supported library: torch tensors via .cpu(), CuPy via .get(), the rest
     # through the buffer protocol or __array__.
@@ -58,144 +381,755 @@ def _to_numpy(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
-def _suffix(path: str | os.PathLike) -> str:
+def _suffix(path: str) -> str:
     suffix = Path(path).suffix
     if suffix not in (".npz", ".safetensors"):
-        raise ValueError(f"path: expected a .npz or .safetensors file, got {os.fspath(path)!r}")
+        raise WeightsError("path", f"expected a .npz or .safetensors file, got {path!r}")
     return suffix
+
+
+def _safetensors(src: _Source, doing: str) -> Any:
+    """The ``safetensors`` package, or a one-line error naming the extra that installs it."""
+    try:
+        import safetensors
+        import safetensors.numpy
+    except ImportError:
+        raise _MissingPackage(
+            src.argument,
+            f"{doing} {src} needs the safetensors package; pip install 'rnn-xp[io]'",
+        ) from None
+    return safetensors
 
 
 def save(model: Recurrent, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
     """Write ``model`` (and ``extra`` arrays) to ``path`` (.npz or .safetensors).
 
-    The file is written under a temporary name and renamed, so an interrupted
-    save never leaves a file that looks complete.
+    Parameters
+    ----------
+    model : Recurrent
+        Its parameters must be float16, float32 or float64.
+    path : str or os.PathLike
+        Ends in ``.npz`` or ``.safetensors``; its folder must exist.
+    extra : dict of str to array, optional
+        Saved under ``extra.<key>``; each a bool, integer or float16/32/64 array
+        of any supported library.
+
+    Notes
+    -----
+    The file is written as ``<path>.partial<suffix>`` in the same folder and
+    renamed, so an interrupted save never leaves a file that looks complete (and
+    removes the partial file when it fails). The file gets the mode a plain
+    ``open()`` gives, that is ``0o666`` less the process umask, in both formats.
     """
-    suffix = _suffix(path)
+    if not isinstance(model, Recurrent):
+        raise TypeError(f"model: expected a Recurrent, got {type(model).__name__}")
+    text = _text(path)
+    suffix = _suffix(text)
+    src = _Source("path", repr(text))
+    target = Path(text)
+    if os.path.isdir(target):
+        raise WeightsError("path", f"{text!r} is a folder; expected a {suffix} file to write")
+    if not os.path.isdir(target.parent):
+        raise WeightsError("path", f"the folder of {text!r} does not exist")
+    st = _safetensors(src, "writing") if suffix == ".safetensors" else None
+    dtype = _dtype_name(model._dtype)
+    if dtype not in DTYPES:
+        raise TypeError(
+            f"model: its parameters are {dtype}; {suffix} files hold {', '.join(DTYPES)} "
+            "(convert the model first)"
+        )
     arrays = {k: np.ascontiguousarray(_to_numpy(v)) for k, v in model.state_dict().items()}
-    arrays |= {EXTRA + k: np.ascontiguousarray(_to_numpy(v)) for k, v in (extra or {}).items()}
+    for k, v in (extra or {}).items():
+        a = np.ascontiguousarray(_to_numpy(v))
+        if not isinstance(k, str) or a.dtype.kind not in "biuf" or a.dtype.itemsize > 8:
+            # An object array would be pickled into the .npz, which load refuses.
+            raise TypeError(
+                f"extra: expected str keys and bool, integer or float16/32/64 arrays, got "
+                f"{_short(k)} of dtype {a.dtype}"
+            )
+        arrays[EXTRA + k] = a
     config = json.dumps(_config(model))
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial" + suffix)
-    if suffix == ".npz":
-        np.savez(tmp, __config__=np.array(config), **arrays)
-    else:
-        from safetensors.numpy import save_file
-
-        save_file(arrays, str(tmp), metadata={"rnn_xp": config})
-    os.replace(tmp, path)
-
-
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    suffix = _suffix(path)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"weights: no such file {os.fspath(path)!r}")
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            if "__config__" not in f.files:
-                raise ValueError(f"weights: {os.fspath(path)!r} has no rnn_xp configuration")
-            config = json.loads(str(f["__config__"]))
-            arrays = {k: f[k] for k in f.files if k != "__config__"}
-    else:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            if "rnn_xp" not in meta:
-                raise ValueError(f"weights: {os.fspath(path)!r} has no rnn_xp configuration")
-            config = json.loads(meta["rnn_xp"])
-            arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    return config, arrays
+    tmp = target.with_name(target.name + ".partial" + suffix)
+    failures = (OSError,) if st is None else (OSError, st.SafetensorError)
+    done = False
+    try:
+        with suppress(FileNotFoundError):  # a stale partial file would keep its old mode
+            os.unlink(tmp)
+        # os.umask can only be read by setting it, for every thread at once; a file
+        # created by open() has exactly the mode the umask (and the folder) allow.
+        with open(tmp, "xb") as f:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            if st is None:
+                np.savez(f, __config__=np.array(config), **arrays)
+        if st is not None:
+            # safetensors writes a 0600 temporary file of its own and renames it.
+            st.numpy.save_file(arrays, str(tmp), metadata={"rnn_xp": config})
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
+        done = True
+    except failures as exc:
+        reason = getattr(exc, "strerror", None) or _reason(exc)
+        raise WeightsError("path", f"cannot write {text!r} ({reason})") from None
+    finally:
+        if not done:
+            with suppress(OSError):
+                os.unlink(tmp)
 
 
-def _build(config: dict[str, Any], params: dict[str, np.ndarray], like: Any) -> Recurrent:
-    model = Recurrent(
-        config["mode"],
-        config["input_size"],
-        config["hidden_size"],
-        config["num_layers"],
-        bias=config["bias"],
-        batch_first=config["batch_first"],
-        bidirectional=config["bidirectional"],
-        dropout=config.get("dropout", 0.0),
-        like=like,
-        dtype=config["dtype"],
-        seed=0,
-    )
-    model.load_state_dict(
-        {k: asarray(model._xp, v, model._dtype, model._device) for k, v in params.items()}
-    )
-    return model
+# -- reading files ------------------------------------------------------------------
+
+
+@contextmanager
+def _opened(src: _Source, text: str) -> Iterator[tuple[BinaryIO, int]]:
+    """``text`` open for reading, and its size; a regular file or a WeightsError."""
+    try:
+        info = os.stat(text)
+    except FileNotFoundError:
+        if os.path.lexists(text):
+            raise WeightsError("path", f"{text!r} is a broken symbolic link") from None
+        raise _NotFound("path", f"no such file {text!r}") from None
+    except OSError as exc:
+        raise WeightsError("path", f"cannot read {text!r} ({exc.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise WeightsError("path", f"{text!r} is a folder; expected a weights file")
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block, a device never end
+        raise WeightsError("path", f"{text!r} is not a regular file")
+    try:
+        f = open(text, "rb")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise WeightsError("path", f"cannot read {text!r} ({exc.strerror})") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise src.error(f"{src} is empty (0 bytes)")
+        yield f, size
+
+
+def _zip(src: _Source, f: BinaryIO, size: int, what: str) -> zipfile.ZipFile:
+    """``f`` as a zip archive whose members' stated sizes are possible in ``size`` bytes.
+
+    Only stored and deflated members are accepted. A stored member holds as
+    many bytes as it claims; a deflated one cannot claim more than deflate can
+    produce; the members' compressed bytes must fit in the file without being
+    shared (overlapping members are the classic zip bomb).
+    """
+    try:
+        archive = zipfile.ZipFile(f)
+        members = archive.infolist()
+    except _ZIP_ERRORS as exc:
+        raise src.error(
+            f"{src} is not a readable {what} (damaged, truncated or not a zip archive: "
+            f"{_reason(exc)})"
+        ) from None
+    used = 0
+    for info in members:
+        name = _short(info.filename, 40)
+        if info.flag_bits & 0x1:
+            raise src.error(f"{src}: member {name} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise src.error(
+                f"{src}: member {name} uses compression method {info.compress_type}; "
+                "expected stored (0) or deflated (8)"
+            )
+        stored = info.compress_type == zipfile.ZIP_STORED
+        if (stored and info.file_size != info.compress_size) or (
+            info.file_size > _DEFLATE_RATIO * info.compress_size
+        ):
+            raise src.error(
+                f"{src}: member {name} claims {info.file_size} bytes from "
+                f"{info.compress_size} {'stored' if stored else 'deflated'} bytes"
+            )
+        used += info.compress_size
+        if info.header_offset + info.compress_size > size or used > size:
+            raise src.error(
+                f"{src}: member {name} claims {info.compress_size} bytes beyond the "
+                f"file's {size} (truncated or damaged)"
+            )
+    return archive
+
+
+class _Member(NamedTuple):
+    """A .npy member of a .npz: its zip entry, header and where its data starts."""
+
+    info: zipfile.ZipInfo
+    tensor: _Tensor
+    fortran: bool
+    offset: int
+
+
+class _Npz:
+    """A .npz archive read member by member, each header checked before its data."""
+
+    def __init__(self, src: _Source, f: BinaryIO, size: int) -> None:
+        self.src = src
+        self.zip = _zip(src, f, size, ".npz archive")
+        self.infos: dict[str, zipfile.ZipInfo] = {}
+        for info in self.zip.infolist():
+            name = info.filename.removesuffix(".npy")
+            if not info.filename.endswith(".npy"):
+                raise src.error(f"{src}: member {_short(info.filename, 40)} is not a .npy array")
+            if name in self.infos:
+                raise src.error(f"{src} holds two members named {_short(info.filename, 40)}")
+            self.infos[name] = info
+        if "__config__" not in self.infos:
+            raise src.error(
+                f"{src} has no rnn_xp configuration (no __config__ member); expected a .npz "
+                "written by rnn_xp's save"
+            )
+        self.members: dict[str, _Member] = {}
+
+    def names(self) -> list[str]:
+        return [k for k in self.infos if k != "__config__"]
+
+    def header(self, name: str) -> _Tensor:
+        """``name``'s dtype and shape, from a header read within the first 16 KiB."""
+        if name not in self.members:
+            self.members[name] = self._header(name)
+        return self.members[name].tensor
+
+    def _header(self, name: str) -> _Member:
+        src, info, label = self.src, self.infos[name], _short(name, 40)
+        try:
+            with self.zip.open(info) as m:
+                head = m.read(_NPY_HEAD)
+        except _ZIP_ERRORS as exc:
+            raise src.error(f"{src}: member {label} cannot be read ({_reason(exc)})") from None
+        buf = io.BytesIO(head)
+        try:
+            # Parsing the header evaluates a Python literal: warnings (a Python 2
+            # header, an odd escape, a deprecated dtype alias) mean a file not from
+            # numpy.save, and are refused like the errors.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                version = np.lib.format.read_magic(buf)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"unsupported .npy format version {version}")
+                read = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran, dtype = read(buf, max_header_size=_NPY_HEAD)
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            SyntaxError,
+            RecursionError,
+            MemoryError,  # only the literal parser's stack: the header is at most 16 KiB
+            Warning,
+        ) as exc:
+            raise src.error(
+                f"{src}: member {label} is not a valid .npy array ({_reason(exc)})"
+            ) from None
+        if dtype.hasobject:
+            raise src.error(
+                f"{src}: {label} holds Python objects (pickled data), which rnn_xp never reads"
+            )
+        if (
+            dtype.names is not None
+            or dtype.subdtype is not None
+            or dtype.kind not in ("U" if name == "__config__" else "biuf")
+        ):
+            expected = "a string" if name == "__config__" else "bool, integer or float numbers"
+            raise src.error(f"{src}: {label} has dtype {dtype}; expected {expected}")
+        if not all(_is_int(n) and n >= 0 for n in shape):
+            raise src.error(f"{src}: {label} has an invalid shape {_short(shape)}")
+        offset = buf.tell()
+        if info.file_size != offset + _nbytes(shape, dtype):
+            raise src.error(
+                f"{src}: {label} holds {info.file_size - offset} data bytes; its header "
+                f"({dtype}, shape {_short(shape)}) needs {_nbytes(shape, dtype)}"
+            )
+        return _Member(info, _Tensor(dtype, shape), fortran, offset)
+
+    def config(self) -> str:
+        tensor = self.header("__config__")
+        if tensor.shape != () or tensor.dtype.itemsize > _CONFIG_BYTES:
+            raise self.src.error(
+                f"{self.src}: __config__ has shape {_short(tensor.shape)} and dtype "
+                f"{tensor.dtype}; expected one string (a 0-d unicode array) of at most 1 MiB"
+            )
+        try:
+            return str(self.read(["__config__"])["__config__"][()])
+        except (ValueError, UnicodeError) as exc:  # code points that are not characters
+            raise self.src.error(
+                f"{self.src}: __config__ is not a valid string ({_reason(exc)})"
+            ) from None
+
+    def read(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The arrays ``names``, whose headers have been checked (their sizes believed)."""
+        out = {}
+        for name in names:
+            info, (dtype, shape), fortran, offset = self.members[name]
+            data = np.empty(_nbytes(shape, dtype), np.uint8)
+            try:
+                with self.zip.open(info) as m:
+                    m.read(offset)
+                    done = 0
+                    while done < data.size:
+                        chunk = m.read(min(_CHUNK, data.size - done))
+                        if not chunk:
+                            raise EOFError("the member ends early")
+                        data[done : done + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                        done += len(chunk)
+                    m.read(1)  # at the end: zipfile checks the CRC
+            except _ZIP_ERRORS as exc:
+                raise self.src.error(
+                    f"{self.src}: member {_short(name, 40)} cannot be read ({_reason(exc)})"
+                ) from None
+            out[name] = data.view(dtype).reshape(shape, order="F" if fortran else "C")
+        return out
+
+
+class _Safetensors:
+    """A .safetensors file whose header is parsed and checked here, data read by the library.
+
+    The library's own checks are not relied on: the header's length, JSON,
+    dtypes, shapes and offsets (contiguous, covering exactly the rest of the
+    file) are checked first, so the library only reads a well-formed file.
+    """
+
+    def __init__(self, src: _Source, f: BinaryIO, size: int, text: str) -> None:
+        self.src, self.text = src, text
+        head = f.read(8)
+        if len(head) < 8:
+            raise src.error(
+                f"{src} is too short for a .safetensors file ({size} bytes; the header length "
+                "alone takes 8)"
+            )
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _SAFETENSORS_HEADER):
+            raise src.error(
+                f"{src} claims a {n}-byte header, but {size - 8} bytes follow the header "
+                f"length (truncated or damaged; at most {_SAFETENSORS_HEADER} are read)"
+            )
+        try:
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique)
+        except (ValueError, RecursionError) as exc:
+            raise src.error(f"{src}: the header is not valid JSON ({_reason(exc)})") from None
+        if not isinstance(header, dict):
+            raise src.error(f"{src}: the header is {_kind(header)}; expected a JSON object")
+        metadata = header.pop("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(
+            isinstance(v, str) for v in metadata.values()
+        ):
+            raise src.error(f"{src}: the header's __metadata__ is not a map of strings")
+        if "rnn_xp" not in metadata:
+            raise src.error(
+                f"{src} has no rnn_xp configuration (no rnn_xp in its metadata); expected a "
+                ".safetensors written by rnn_xp's save"
+            )
+        self.metadata = metadata
+        self.tensors = {k: _safetensors_entry(src, k, v) for k, v in header.items()}
+        end = 0
+        for name, (_, begin, stop) in sorted(self.tensors.items(), key=lambda kv: kv[1][1:]):
+            if begin != end:
+                raise src.error(
+                    f"{src}: tensor {_short(name, 40)} starts at data byte {begin}; expected "
+                    f"{end} (tensors follow each other without gaps)"
+                )
+            end = stop
+        if end != size - 8 - n:
+            raise src.error(
+                f"{src} is truncated or damaged: its header describes {end} bytes of tensors; "
+                f"{size - 8 - n} follow it"
+            )
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def header(self, name: str) -> _Tensor:
+        return self.tensors[name][0]
+
+    def config(self) -> str:
+        return self.metadata["rnn_xp"]
+
+    def read(self, names: list[str]) -> dict[str, np.ndarray]:
+        st = _safetensors(self.src, "reading")
+        try:
+            with st.safe_open(self.text, framework="numpy") as f:
+                out = {k: f.get_tensor(k) for k in names}
+        except (st.SafetensorError, OSError, ValueError) as exc:
+            raise self.src.error(f"{self.src} cannot be read ({_reason(exc)})") from None
+        for k, a in out.items():  # the file may have changed since its header was read
+            if (a.dtype.name, a.shape) != (self.header(k).dtype.name, self.header(k).shape):
+                raise self.src.error(f"{self.src} changed while it was read")
+        return out
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON allows repeated keys; readers disagree on which one wins.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"repeated key {_short(key, 40)}")
+        out[key] = value
+    return out
+
+
+def _safetensors_entry(src: _Source, name: str, entry: Any) -> tuple[_Tensor, int, int]:
+    """One tensor of a safetensors header: its dtype and shape, and its data's offsets."""
+    where = f"{src}: tensor {_short(name, 40)}"
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise src.error(f"{where} is not described by dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise src.error(
+            f"{where} has dtype {_short(dtype)}; expected one of "
+            f"{', '.join(_SAFETENSORS_DTYPES)} (NumPy dtypes)"
+        )
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        raise src.error(f"{where} has shape {_short(shape)}; expected a list of sizes")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(n) for n in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise src.error(f"{where} has data_offsets {_short(offsets)}; expected [begin, end]")
+    tensor = _Tensor(np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder("<"), tuple(shape))
+    if offsets[1] - offsets[0] != _nbytes(tensor.shape, tensor.dtype):
+        raise src.error(
+            f"{where} takes {offsets[1] - offsets[0]} bytes; its dtype and shape "
+            f"({dtype}, {_short(tensor.shape)}) need {_nbytes(tensor.shape, tensor.dtype)}"
+        )
+    return tensor, offsets[0], offsets[1]
+
+
+def _read(path: str | os.PathLike, like: Any, extra: bool) -> tuple[dict[str, Any], Any]:
+    """The configuration and either the model (``extra`` False) or the extra arrays.
+
+    Every header, extras' too (so that `load` and `load_extra` accept the same
+    files), is checked, and the model's against the configuration, before any
+    data is read.
+    """
+    text = _text(path)
+    suffix = _suffix(text)
+    src = _Source("path", repr(text))
+    with _opened(src, text) as (f, size):
+        if suffix == ".npz":
+            reader: _Npz | _Safetensors = _Npz(src, f, size)
+        else:
+            _safetensors(src, "reading")
+            reader = _Safetensors(src, f, size, text)
+        config = _parse_config(src, reader.config())
+        found = {k: reader.header(k) for k in reader.names()}
+        params = [k for k in found if not k.startswith(EXTRA)]
+        _check_tensors(src, config, {k: found[k] for k in params})
+        if extra:
+            return config, reader.read([k for k in found if k.startswith(EXTRA)])
+        model = _configured(src, config, like)
+        model.load_state_dict(reader.read(params))
+        return config, model
 
 
 def load(path: str | os.PathLike, like: Any = None) -> Recurrent:
-    """Read a model written by `save`; its parameters go to ``like``'s namespace and device."""
-    config, arrays = _read(path)
-    params = {k: v for k, v in arrays.items() if not k.startswith(EXTRA)}
-    return _build(config, params, like)
+    """Read a model written by `save`; its parameters go to ``like``'s namespace and device.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.npz`` or ``.safetensors`` file.
+    like : array, optional
+        Its library and device receive the parameters; NumPy when None.
+
+    Raises
+    ------
+    WeightsError
+        For any file that is not exactly a model written by `save` (missing,
+        damaged, truncated, of another format, or inconsistent); one line.
+    """
+    _check_like(like)
+    return _read(path, like, extra=False)[1]
 
 
 def load_extra(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The extra arrays saved beside the model, without their ``extra.`` prefix."""
-    _, arrays = _read(path)
-    return {k[len(EXTRA) :]: v for k, v in arrays.items() if k.startswith(EXTRA)}
+    """The extra arrays saved beside the model, without their ``extra.`` prefix.
+
+    The file is checked as `load` checks it, model included.
+    """
+    _, arrays = _read(path, None, extra=True)
+    return {k[len(EXTRA) :]: v for k, v in arrays.items()}
+
+
+# -- torch state_dict files -----------------------------------------------------------
 
 
 def infer_config(
-    state: dict[str, np.ndarray], mode: str | None = None, batch_first: bool = False
+    state: Mapping[str, np.ndarray], mode: str | None = None, batch_first: bool = False
 ) -> dict[str, Any]:
     """The configuration of a torch ``state_dict`` of an RNN, LSTM or GRU module.
 
     Everything follows from the keys and shapes except the nonlinearity of a
     plain RNN ('rnn_tanh' or 'rnn_relu', which must then be given as ``mode``)
-    and ``batch_first``.
+    and ``batch_first``. The whole ``state`` is checked against the result:
+    names, dtypes (one floating dtype) and shapes, every layer and direction.
+
+    Parameters
+    ----------
+    state : dict of str to numpy.ndarray
+        ``weight_ih_l{k}`` (G*H, D or directions*H), ``weight_hh_l{k}`` (G*H, H),
+        optionally ``bias_ih_l{k}``, ``bias_hh_l{k}`` (G*H,), and the same with
+        ``_reverse`` for a bidirectional module; G is 1, 3 or 4 gates.
+    mode : {None, 'rnn_tanh', 'rnn_relu', 'lstm', 'gru'}
+    batch_first : bool
+
+    Raises
+    ------
+    WeightsError
+        Its ``argument`` is ``state`` for a ``state`` that is not such a
+        state_dict, ``mode`` when ``mode`` is missing or contradicts it.
     """
+    return _infer(_Source("state", "the state_dict"), state, mode, batch_first)
+
+
+def _infer(
+    src: _Source, state: Mapping[str, Any], mode: str | None, batch_first: bool
+) -> dict[str, Any]:
+    where = "" if src.argument == "state" else f" in {src}"
+    if mode is not None and (not isinstance(mode, str) or mode not in MODES):
+        raise WeightsError(
+            "mode", f"expected None or one of {', '.join(map(repr, MODES))}, got {_short(mode)}"
+        )
+    if not isinstance(batch_first, (bool, np.bool_)):
+        raise TypeError(f"batch_first: expected a bool, got {_short(batch_first)}")
+    if not isinstance(state, Mapping):
+        raise src.error(f"{src} is {_kind(state)}; expected a dict of arrays (a state_dict)")
+    parsed, unexpected = {}, []
+    for key in state:
+        m = _TORCH_KEY.fullmatch(key.removesuffix("_reverse")) if isinstance(key, str) else None
+        if m is None:
+            unexpected.append(key)
+        else:
+            parsed[key] = m[1], int(m[2]), key.endswith("_reverse")
+    if unexpected:
+        nested = [k for k in unexpected if isinstance(k, str) and "." in k]
+        hint = (
+            "; keys like these belong to a larger module: save the RNN's own state_dict"
+            if nested and any(_TORCH_KEY.fullmatch(k.rsplit(".", 1)[1]) for k in nested)
+            else ""
+        )
+        raise src.error(
+            f"{src} has keys {_names(map(str, unexpected))} that are not torch.nn.RNN, LSTM or "
+            f"GRU parameters (weight_ih_l0, weight_hh_l0, ...){hint}"
+        )
+    if any(kind == "weight_hr" for kind, _, _ in parsed.values()):
+        raise src.error(
+            f"{src} holds weight_hr_l* tensors: LSTM projections (proj_size) are not supported"
+        )
+    for key, value in state.items():
+        if not isinstance(value, np.ndarray):
+            raise src.error(f"{src}: {key} is {_kind(value)}; expected an array")
+        if value.dtype.kind != "f" or value.dtype.name not in DTYPES:
+            raise src.error(f"{src}: {key} has dtype {value.dtype}; expected {', '.join(DTYPES)}")
     if "weight_ih_l0" not in state or "weight_hh_l0" not in state:
-        raise ValueError("state_dict: expected torch RNN keys such as weight_ih_l0, weight_hh_l0")
-    H = int(state["weight_hh_l0"].shape[1])
-    G = int(state["weight_ih_l0"].shape[0]) // H
+        raise src.error(f"{src} lacks weight_ih_l0 or weight_hh_l0; expected both")
+    w_ih, w_hh = state["weight_ih_l0"], state["weight_hh_l0"]
+    if w_ih.ndim != 2 or w_hh.ndim != 2 or w_hh.shape[1] < 1 or w_ih.shape[1] < 1:
+        raise src.error(
+            f"{src}: weight_ih_l0 has shape {_short(w_ih.shape)} and weight_hh_l0 "
+            f"{_short(w_hh.shape)}; expected (G*H, D) and (G*H, H) with D, H >= 1"
+        )
+    H = int(w_hh.shape[1])
+    G, rest = divmod(int(w_hh.shape[0]), H)
+    if rest or G not in (1, 3, 4):
+        raise src.error(
+            f"{src}: weight_hh_l0 has shape {w_hh.shape}; expected (G*H, H) with G = 1 (RNN), "
+            "3 (GRU) or 4 (LSTM) gates"
+        )
+    layers = sorted({layer for _, layer, _ in parsed.values()})
+    if layers != list(range(len(layers))):
+        raise src.error(
+            f"{src} has parameters for layers {_names(layers, 6)}; expected layers 0 to "
+            f"{layers[-1]} without gaps"
+        )
+    reverse = {layer for _, layer, rev in parsed.values() if rev}
+    if reverse and reverse != set(layers):
+        raise src.error(
+            f"{src} has reverse (bidirectional) parameters for layers {_names(reverse, 6)} "
+            f"only; expected them for every layer, 0 to {layers[-1]}"
+        )
+    dtypes = sorted({v.dtype.name for v in state.values()})
+    if len(dtypes) > 1:
+        raise src.error(f"{src} mixes dtypes {', '.join(dtypes)}; expected one")
     inferred = {4: "lstm", 3: "gru"}.get(G)
-    if G not in (1, 3, 4):
-        raise ValueError(f"state_dict: weight_ih_l0 has {G}*H rows; expected 1, 3 or 4 gates")
     if mode is None:
         if inferred is None:
-            raise ValueError(
-                "mode: a plain RNN's state_dict does not say its nonlinearity; "
-                "give --mode rnn_tanh or --mode rnn_relu"
+            raise WeightsError(
+                "mode",
+                "a plain RNN's state_dict does not say its nonlinearity; "
+                f"give --mode rnn_tanh or --mode rnn_relu{where}",
             )
         mode = inferred
-    if (
-        mode not in MODES
-        or (inferred is not None and mode != inferred)
-        or (inferred is None and not mode.startswith("rnn"))
-    ):
-        raise ValueError(f"mode: {mode!r} does not match a state_dict with {G} gate(s)")
-    num_layers = 1 + max(int(k.split("_l")[1].split("_")[0]) for k in state if "_l" in k)
-    return {
+    if mode != inferred if inferred is not None else not mode.startswith("rnn"):
+        raise WeightsError("mode", f"{mode!r} does not match a state_dict with {G} gate(s){where}")
+    config = {
         "format": FORMAT,
         "mode": mode,
-        "input_size": int(state["weight_ih_l0"].shape[1]),
+        "input_size": int(w_ih.shape[1]),
         "hidden_size": H,
-        "num_layers": num_layers,
-        "bidirectional": any(k.endswith("_reverse") for k in state),
+        "num_layers": len(layers),
+        "bidirectional": bool(reverse),
         "nonlinearity": mode.removeprefix("rnn_") if mode.startswith("rnn") else None,
         "bias": "bias_ih_l0" in state,
-        "batch_first": batch_first,
+        "batch_first": bool(batch_first),
         "dropout": 0.0,
-        "dtype": str(state["weight_ih_l0"].dtype),
+        "dtype": dtypes[0],
     }
+    _check_tensors(src, config, {k: _Tensor(v.dtype, tuple(v.shape)) for k, v in state.items()})
+    return config
 
 
 def load_torch(
     path: str | os.PathLike, mode: str | None = None, batch_first: bool = False, like: Any = None
 ) -> Recurrent:
-    """A model from a torch ``state_dict`` file, read with ``torch.load(weights_only=True)``."""
-    import torch
+    """A model from a torch ``state_dict`` file, read with ``torch.load(weights_only=True)``.
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"state_dict: no such file {os.fspath(path)!r}")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(raw, dict):
-        raise ValueError(f"state_dict: expected a dict of tensors in {os.fspath(path)!r}")
-    state = {k: v.detach().cpu().numpy() for k, v in raw.items()}
-    return _build(infer_config(state, mode, batch_first), state, like)
+    Parameters
+    ----------
+    path : str or os.PathLike
+        What ``torch.save(module.state_dict(), path)`` wrote for a
+        ``torch.nn.RNN``, ``LSTM`` or ``GRU`` (torch's zip format, the default
+        since torch 1.6). A checkpoint ``{"state_dict": ..., ...}`` (or
+        ``"model_state_dict"``) is unwrapped.
+    mode : {None, 'rnn_tanh', 'rnn_relu', 'lstm', 'gru'}
+        Needed for a plain RNN, whose state_dict does not say its nonlinearity.
+    batch_first : bool
+    like : array, optional
+        Its library and device receive the parameters; NumPy when None.
+
+    Notes
+    -----
+    The file is memory-mapped (``mmap=True``), so storages are views of it and a
+    pickle claiming a huge storage allocates nothing; the zip archive's stated
+    sizes are checked first. LSTM projections (``proj_size``) are refused.
+
+    Raises
+    ------
+    WeightsError
+        For a file that is not such a state_dict (``argument`` ``path``), or a
+        ``mode`` missing for a plain RNN or contradicting the file (``mode``).
+    """
+    text = _text(path)
+    src = _Source("path", repr(text))
+    _check_like(like)
+    try:
+        import torch
+    except ImportError:
+        raise _MissingPackage(
+            "path", f"reading {text!r} needs PyTorch; pip install 'rnn-xp[torch]'"
+        ) from None
+    with _opened(src, text) as (f, size):
+        if f.read(4) != b"PK\x03\x04":
+            raise src.error(
+                f"{src} is not a torch.save file of torch >= 1.6 (a zip archive): another "
+                "format, damaged, or saved by an older torch (load and save it again)"
+            )
+        f.seek(0)
+        members = _zip(src, f, size, "torch.save file").infolist()
+    if not any(info.filename.endswith("/data.pkl") for info in members):
+        raise src.error(f"{src} is a zip archive but not a torch.save file (it has no data.pkl)")
+    if any(info.filename.endswith("/constants.pkl") for info in members):
+        raise src.error(
+            f"{src} is a TorchScript archive (torch.jit.save), not a state_dict; save "
+            "module.state_dict() instead"
+        )
+    packed = [info.filename for info in members if info.compress_type != zipfile.ZIP_STORED]
+    if packed:  # with mmap=True, torch would take a compressed record's bytes for data
+        raise src.error(
+            f"{src}: member {_short(packed[0], 40)} is compressed; torch.save stores its "
+            "records as they are"
+        )
+    with warnings.catch_warnings():
+        # A torch file can make torch warn (an old pickle protocol, say); the
+        # outcome is what counts, and it is checked below.
+        warnings.simplefilter("ignore")
+        try:
+            raw = torch.load(text, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            raise src.error(_refused(src, exc)) from None
+        except (
+            RuntimeError,
+            AssertionError,  # torch checks some of the pickle's structure with assert
+            EOFError,
+            OSError,
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            struct.error,
+            OverflowError,
+            zipfile.BadZipFile,
+        ) as exc:
+            raise src.error(
+                f"{src} is not a readable torch.save file (damaged or truncated: {_reason(exc)})"
+            ) from None
+        state = _torch_state(src, raw, torch)
+    return _build(src, _infer(src, state, mode, batch_first), state, like)
+
+
+def _refused(src: _Source, exc: pickle.UnpicklingError) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, as one line.
+
+    torch's message is many lines and suggests ``weights_only=False``; what it
+    refused (a GLOBAL, an opcode) is picked out of it.
+    """
+    text = " ".join(str(exc).split())
+    found = re.search(r"GLOBAL ([\w.]+) was not an allowed global", text)
+    name = found[1] if found else ""
+    if "torch.nn.modules" in text or name.startswith("torch.nn."):
+        return (
+            f"{src} holds a whole pickled module ({name or 'torch.nn.Module'}); "
+            "save module.state_dict() instead"
+        )
+    # A state_dict's pickle only names torch's and collections' classes: another
+    # name is an object of its own, a damaged one of those is a damaged file.
+    if name and name.split(".")[0] not in ("torch", "collections", "builtins"):
+        return (
+            f"{src} holds a pickled {name}, which torch.load(weights_only=True) refuses; "
+            "expected a state_dict of tensors (save module.state_dict())"
+        )
+    reason = text.partition("WeightsUnpickler error:")[2].split(". ")[0].strip()
+    return f"{src} is not a readable torch.save file (damaged: {reason or _reason(exc)})"
+
+
+def _torch_state(src: _Source, raw: Any, torch: Any) -> dict[str, np.ndarray]:
+    """The state_dict in what torch.load returned, as NumPy copies of its tensors.
+
+    Values under keys that are not RNN parameters are passed on as they are, for
+    `_infer` to name those keys.
+    """
+    if isinstance(raw, Mapping) and not any(
+        isinstance(k, str) and _TORCH_KEY.match(k) for k in raw
+    ):
+        for key in ("state_dict", "model_state_dict"):  # a training checkpoint
+            if isinstance(raw.get(key), Mapping):
+                raw = raw[key]
+                break
+    if not isinstance(raw, Mapping):
+        raise src.error(f"{src} holds {_kind(raw)}, not a state_dict (a dict of tensors)")
+    state: dict[Any, Any] = {}
+    for key, value in raw.items():
+        what = f"{src}: {_short(key, 40)}"
+        if not isinstance(key, str) or not _TORCH_KEY.fullmatch(key.removesuffix("_reverse")):
+            state[key] = value
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise src.error(f"{what} is {_kind(value)}; expected a tensor")
+        if value.dtype not in (torch.float16, torch.float32, torch.float64):
+            hint = " (convert the module with .float() first)" if value.is_floating_point() else ""
+            raise src.error(
+                f"{what} has dtype {value.dtype}; expected a float16, float32 or float64 "
+                f"tensor{hint}"
+            )
+        if value.layout != torch.strided:
+            raise src.error(f"{what} is a {value.layout} tensor; expected a dense one")
+        try:
+            # A copy: the tensor is a view of the memory-mapped file.
+            state[key] = np.array(value.detach().resolve_conj().resolve_neg().numpy())
+        except (RuntimeError, TypeError) as exc:
+            raise src.error(f"{what} cannot be read as an array ({_reason(exc)})") from None
+    return state

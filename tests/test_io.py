@@ -94,7 +94,7 @@ def test_bad_paths(tmp_path):
         ValueError, match=r"path: expected a .npz or .safetensors file, got '.*w.h5'"
     ):
         model.save(tmp_path / "w.h5")
-    with pytest.raises(FileNotFoundError, match="weights: no such file"):
+    with pytest.raises(FileNotFoundError, match="path: no such file"):
         rnn_xp.load(tmp_path / "missing.npz")
     np.savez(tmp_path / "plain.npz", a=np.zeros(2))
     with pytest.raises(ValueError, match="has no rnn_xp configuration"):
