@@ -17,8 +17,10 @@ changes nothing else.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +29,15 @@ from typing import Any
 import numpy as np
 
 from ._backends import BackendUnavailable, for_run
-from .io import load
-from .model import _dtype_name
+from .io import WeightsError, load
+from .model import Recurrent, _dtype_name
 
-__all__ = ["BatchError", "run_file", "run_file_distributed"]
+__all__ = ["BatchError", "prepare", "run_file", "run_file_distributed"]
 
 EXTRAS = {"numpy": None, "torch": "torch", "jax": "jax", "cupy": "cuda12"}
+LIBRARIES = {"torch": ("torch", "PyTorch"), "jax": ("jax", "JAX"), "cupy": ("cupy", "CuPy")}
+FLOAT_DTYPES = ("float16", "float32", "float64")
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 
 
 class BatchError(ValueError):
@@ -61,28 +66,211 @@ class Job:
         return [(s, min(s + self.batch_size, self.N)) for s in range(0, self.N, self.batch_size)]
 
 
+# -- checks shared with the rest of the command line ---------------------------------
+
+
 def backend_for(name: str, device: str | None):
+    """The backend ``name`` on ``device``, or a BatchError naming the option at fault.
+
+    An install hint is given only when the library cannot be imported; a library
+    that is installed but cannot use the device says what is wrong instead.
+    """
     if name not in EXTRAS:
         raise BatchError(f"--backend: expected one of {', '.join(EXTRAS)}, got {name!r}")
+    if name in LIBRARIES:
+        module, label = LIBRARIES[name]
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            hint = f"pip install 'rnn-xp[{EXTRAS[name]}]'"
+            if name == "cupy":
+                hint += " (or 'rnn-xp[cuda13]' for CUDA 13)"
+            raise BatchError(f"--backend: {label} is not installed ({exc}); {hint}") from None
     try:
         return for_run(name, device)
     except BackendUnavailable as exc:
-        hint = f"; pip install 'rnn-xp[{EXTRAS[name]}]'" if EXTRAS[name] else ""
-        if name == "cupy":
-            hint += " (or [cuda13] for CUDA 13)"
-        raise BatchError(f"--backend {name}: {exc}{hint}") from None
+        option = "--backend" if device is None else "--device"
+        raise BatchError(f"{option}: {exc}") from None
 
 
-def _load_npy(path: str, what: str) -> np.ndarray:
-    if not Path(path).is_file():
-        raise BatchError(f"{what}: no such file {path!r}")
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes, or None where the OS does not say."""
     try:
-        a = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        raise BatchError(f"{what}: {path!r} is not a numeric .npy file ({exc})") from None
-    if not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf":
-        raise BatchError(f"{what}: {path!r} is not a numeric .npy file (dtype {a.dtype})")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same real path, or (hard or symbolic
+    links) the same inode on the same device."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def partial_name(path: str | os.PathLike) -> str:
+    """The temporary name an output of `run` is written under."""
+    return os.fspath(path) + ".partial"
+
+
+def check_output_path(
+    path: str | os.PathLike,
+    option: str,
+    suffixes: Iterable[str],
+    temporaries: Iterable[str] = (),
+) -> str:
+    """Refuse an output path that cannot be written, before any work.
+
+    The path must end in one of ``suffixes``, must not be a folder or anything
+    but a regular file, and its folder must exist and be writable; each of
+    ``temporaries`` (the names it is written under first) must not be a folder.
+    """
+    text = os.fspath(path)
+    suffixes = tuple(suffixes)
+    if not text:
+        raise BatchError(f"{option}: expected a file name, got ''")
+    if os.path.isdir(text):
+        raise BatchError(f"{option}: {text!r} is a folder, expected a file name")
+    if os.path.lexists(text) and not os.path.isfile(text):
+        raise BatchError(f"{option}: {text!r} exists and is not a regular file")
+    if Path(text).suffix not in suffixes:
+        names = (
+            " or ".join(suffixes)
+            if len(suffixes) < 3
+            else (f"{', '.join(suffixes[:-1])} or {suffixes[-1]}")
+        )
+        raise BatchError(f"{option}: expected a {names} file name, got {text!r}")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise BatchError(f"{option}: the folder {folder!r} of {text!r} {what}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BatchError(f"{option}: cannot write in the folder {folder!r} (permission denied)")
+    for tmp in temporaries:
+        if os.path.isdir(tmp) or (os.path.lexists(tmp) and not os.path.isfile(tmp)):
+            raise BatchError(
+                f"{option}: its temporary file {tmp!r} exists and is not a regular file; "
+                f"remove it or choose another {option}"
+            )
+    return text
+
+
+def check_not_an_input(outputs: dict[str, list[str]], inputs: dict[str, str | None]) -> None:
+    """Refuse an output (or its temporary name) that is one of the inputs.
+
+    ``outputs`` maps an option to its path followed by its temporary names;
+    ``inputs`` maps an option to its path (None if not given). Paths are
+    compared by real path and, for existing files, by inode (hard and
+    symbolic links). Two outputs may not share a file either.
+    """
+    for option, names in outputs.items():
+        for i, name in enumerate(names):
+            label = repr(name) if i == 0 else f"its temporary file {name!r}"
+            for source_option, source in inputs.items():
+                if source is not None and same_file(name, source):
+                    raise BatchError(
+                        f"{option}: {label} is the same file as {source_option} {source!r}; "
+                        "no output may overwrite an input"
+                    )
+    listed = list(outputs.items())
+    for k, (option, names) in enumerate(listed):
+        for other_option, other in listed[:k]:
+            if any(same_file(a, b) for a in names for b in other):
+                raise BatchError(
+                    f"{option}: {names[0]!r} is the same file as {other_option} {other[0]!r} "
+                    "(or its temporary file); give two different files"
+                )
+
+
+def load_weights(path: str | os.PathLike, option: str, like: Any = None) -> Recurrent:
+    """`rnn_xp.load`, its failures as one line naming ``option``."""
+    try:
+        return load(path, like=like)
+    except WeightsError as exc:
+        raise BatchError(f"{option}: {exc.detail}") from None
+    except MemoryError:
+        raise BatchError(f"{option}: {os.fspath(path)!r} is too large to load here") from None
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # not yet a WeightsError
+        detail = str(exc)
+        for prefix in ("weights: ", "path: ", "state: "):
+            detail = detail.removeprefix(prefix)
+        raise BatchError(f"{option}: {detail}") from None
+
+
+def read_npy(path: str | os.PathLike, option: str) -> np.ndarray:
+    """A .npy file memory-mapped for reading; BatchError naming ``option`` if it is not one."""
+    text = os.fspath(path)
+    if not os.path.lexists(text):
+        raise BatchError(f"{option}: no such file {text!r}")
+    if not os.path.exists(text):
+        raise BatchError(f"{option}: {text!r} is a broken symbolic link")
+    if os.path.isdir(text):
+        raise BatchError(f"{option}: {text!r} is a folder, expected a .npy file")
+    if not os.path.isfile(text):
+        raise BatchError(f"{option}: {text!r} is not a regular file, expected a .npy file")
+    try:
+        with open(text, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise BatchError(f"{option}: cannot read {text!r} ({exc.strerror})") from None
+    if not magic:
+        raise BatchError(f"{option}: {text!r} is empty (0 bytes), expected a .npy file")
+    if magic.startswith(b"PK"):
+        raise BatchError(
+            f"{option}: {text!r} is a .npz archive of several arrays, expected a .npy file "
+            "(one array, as numpy.save writes it)"
+        )
+    if magic != b"\x93NUMPY":
+        raise BatchError(
+            f"{option}: {text!r} is not a .npy file (it does not start with the .npy signature)"
+        )
+    try:
+        a = np.load(text, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "Python objects" in reason:
+            reason = "it holds Python objects, not numbers"
+        elif "mmap length" in reason:
+            reason = "it is shorter than its header says: truncated"
+        raise BatchError(f"{option}: {text!r} is not a readable .npy file ({reason})") from None
     return a
+
+
+def _float_dtype(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" and dtype.itemsize in (2, 4, 8)
+
+
+def _check_lengths(n: np.ndarray, N: int, T: int) -> None:
+    """Every length an integer in [1, T]; the whole file, block by block."""
+    if n.dtype.kind not in "iu":
+        raise BatchError(f"--lengths: expected integers (any int or uint dtype), got {n.dtype}")
+    if n.shape != (N,):
+        raise BatchError(
+            f"--lengths: expected shape (N,) = ({N},), one length per sequence of --input, "
+            f"got {n.shape}"
+        )
+    block = 1 << 20  # a million lengths at a time: bounded memory for any N
+    for start in range(0, N, block):
+        part = np.asarray(n[start : start + block])
+        bad = (part < 1) | (part > T)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise BatchError(
+                f"--lengths: expected every length in [1, T={T}], got {part[i]} at index "
+                f"{start + i}"
+            )
 
 
 def prepare(
@@ -97,47 +285,106 @@ def prepare(
     backend: str = "numpy",
     device: str | None = None,
 ) -> Job:
-    """Check every input of the job before any work; return its description."""
+    """Check every input of the job before any work and before any file exists.
+
+    Returns the job's description. Every problem raises `BatchError`, one line
+    naming the command-line option at fault: the backend and device, the
+    weights, the input (a real floating .npy of shape (N, T, D) with T >= 1;
+    N = 0 gives empty outputs), every length, the outputs' folders, and that
+    no output (nor its temporary ``.partial`` name) is one of the inputs.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+        raise BatchError(f"--batch-size: expected a positive integer, got {batch_size!r}")
     if batch_size < 1:
         raise BatchError(f"--batch-size: expected a positive integer, got {batch_size}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise BatchError(f"--dtype: expected one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    outputs = {"--out": check_output_path(out, "--out", [".npy"], [partial_name(out)])}
+    if state_out is not None:
+        outputs["--state-out"] = check_output_path(
+            state_out, "--state-out", [".npy"], [partial_name(state_out)]
+        )
+    sources = {"--input": os.fspath(input), "--weights": os.fspath(weights)}
+    if lengths is not None:
+        sources["--lengths"] = os.fspath(lengths)
+    check_not_an_input({k: [v, partial_name(v)] for k, v in outputs.items()}, sources)
+
     backend_for(backend, device)
-    xs = _load_npy(input, "--input")
-    head = load(weights)
+    head = load_weights(weights, "--weights")
+    xs = read_npy(input, "--input")
     D = head.input_size
+    if not _float_dtype(xs.dtype):
+        raise BatchError(
+            f"--input: expected real floating values (float16, float32 or float64), got {xs.dtype}"
+        )
     if xs.ndim != 3 or xs.shape[2] != D:
         raise BatchError(
-            f"--input: expected shape (N, T, D={D}) for weights {weights!r} "
+            f"--input: expected shape (N, T, D={D}) for --weights {os.fspath(weights)!r} "
             f"(input_size {D}), got {xs.shape}"
         )
-    N, T = xs.shape[0], xs.shape[1]
+    N, T = int(xs.shape[0]), int(xs.shape[1])
+    if T < 1:
+        raise BatchError(f"--input: expected at least one time step, got shape {xs.shape}")
     if lengths is not None:
-        n = _load_npy(lengths, "--lengths")
-        if n.shape != (N,) or n.dtype.kind not in "iu":
-            raise BatchError(
-                f"--lengths: expected integers of shape (N={N},), got {n.dtype} {n.shape}"
-            )
-    H = head.hidden_size
+        _check_lengths(read_npy(lengths, "--lengths"), N, T)
+
+    name = dtype or np.result_type(xs.dtype, _dtype_name(head._dtype)).name
+    H, dirs = head.hidden_size, head.num_directions
+    F, S = dirs * H, head.num_layers * dirs
+    lstm = head.mode == "lstm"
+    itemsize = np.dtype(name).itemsize
+    state_shape = (2, S, N, H) if lstm else (S, N, H)
+    _check_space(outputs, itemsize * (N * T * F + (np.prod(state_shape) if state_out else 0)))
+    _check_chunk_memory(min(batch_size, N), T, D, GATES[head.mode] * H, F, itemsize)
     return Job(
-        str(weights),
-        str(input),
-        str(out),
-        None if lengths is None else str(lengths),
-        None if state_out is None else str(state_out),
-        batch_size,
-        dtype or _dtype_name(head._dtype),
-        backend,
-        device,
-        N,
-        T,
-        head.num_directions * H,
-        head.num_layers * head.num_directions,
-        H,
-        head.mode == "lstm",
+        weights=str(weights),
+        input=str(input),
+        out=str(out),
+        lengths=None if lengths is None else str(lengths),
+        state_out=None if state_out is None else str(state_out),
+        batch_size=int(batch_size),
+        dtype=name,
+        backend=backend,
+        device=device,
+        N=N,
+        T=T,
+        F=F,
+        S=S,
+        H=H,
+        lstm=lstm,
     )
 
 
+def _check_space(outputs: dict[str, str], needed: int) -> None:
+    """The outputs fit on their file system (a full disk would kill the run mid-way)."""
+    folder = os.path.dirname(os.path.abspath(outputs["--out"]))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if needed > free:
+        raise BatchError(
+            f"--out: the outputs need {human_bytes(needed)}, but the folder {folder!r} has "
+            f"{human_bytes(free)} free"
+        )
+
+
+def _check_chunk_memory(B: int, T: int, D: int, G: int, F: int, itemsize: int) -> None:
+    """One chunk in flight (and the next one read ahead) fits in this machine's memory."""
+    memory = physical_memory()
+    # Two chunks of input (read ahead), one layer's input projection, a layer's
+    # input and output, the result copied back: an upper estimate per sequence.
+    needed = B * T * (3 * D + G + 3 * F) * itemsize
+    if memory is not None and needed > memory:
+        raise BatchError(
+            f"--batch-size: a chunk of {B} sequences of T={T} needs about "
+            f"{human_bytes(needed)} of memory, more than this machine's {human_bytes(memory)}; "
+            "give a smaller --batch-size"
+        )
+
+
 def _partial(path: str) -> Path:
-    return Path(path).with_name(Path(path).name + ".partial")
+    return Path(partial_name(path))
 
 
 def _create_outputs(job: Job) -> None:
@@ -154,20 +401,34 @@ def _finish(job: Job) -> None:
         os.replace(_partial(job.state_out), job.state_out)
 
 
+def _discard(job: Job) -> None:
+    """Remove the temporary outputs of a job that failed."""
+    for path in (job.out, job.state_out):
+        if path:
+            _partial(path).unlink(missing_ok=True)
+
+
+def _version(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 @functools.lru_cache(maxsize=4)
-def _model(weights: str, mtime: float, backend: str, device: str | None, dtype: str):
-    """The model on the backend, loaded once per process (and per file version)."""
+def _model(weights: str, version: tuple, backend: str, device: str | None, dtype: str):
+    """The model on the backend, loaded once per process (and per file version).
+
+    A batch run is inference: the model is in evaluation mode (no dropout).
+    """
     loaded = for_run(backend, device)
     model = load(weights, like=loaded.asarray(np.zeros(1, dtype=dtype)))
     model.batch_first = True  # the files are batch-major whatever the model was trained with
+    model.eval()
     return loaded, model
 
 
 def _compute(job: Job, start: int, stop: int, x=None, n=None):
     """Forward one chunk; ``x`` and ``n`` if already read (and moved to the device)."""
-    loaded, model = _model(
-        job.weights, os.path.getmtime(job.weights), job.backend, job.device, job.dtype
-    )
+    loaded, model = _model(job.weights, _version(job.weights), job.backend, job.device, job.dtype)
     if x is None:
         x, n = _read(job, loaded, start, stop)
     out, h_n = model.forward(x, lengths=n, inference=True)
@@ -180,7 +441,9 @@ def _read(job: Job, loaded, start: int, stop: int):
     x = loaded.asarray(np.asarray(xs[start:stop], dtype=job.dtype))
     n = None
     if job.lengths is not None:
-        n = loaded.asarray(np.asarray(np.load(job.lengths, mmap_mode="r")[start:stop]))
+        # Checked in prepare: integers in [1, T]; int64 whatever the file's dtype.
+        n = np.asarray(np.load(job.lengths, mmap_mode="r")[start:stop], dtype=np.int64)
+        n = loaded.asarray(n)
     return x, n
 
 
@@ -205,12 +468,24 @@ def _chunk_task(job: Job, start: int, stop: int) -> int:
 
 
 def run_file(job: Job, progress: Callable[[int], Any] | None = None) -> None:
-    """The job in this process; ``progress(n)`` after each chunk of n sequences."""
-    _create_outputs(job)
-    loaded, _ = _model(
-        job.weights, os.path.getmtime(job.weights), job.backend, job.device, job.dtype
-    )
+    """The job in this process; ``progress(n)`` after each chunk of n sequences.
+
+    With N = 0 the outputs are empty arrays of the right shape. If the job
+    fails, its temporary outputs are removed and nothing else is written.
+    """
     chunks = job.chunks()
+    _create_outputs(job)
+    try:
+        if chunks:
+            _run_chunks(job, chunks, progress)
+        _finish(job)
+    except BaseException:
+        _discard(job)
+        raise
+
+
+def _run_chunks(job: Job, chunks: list[tuple[int, int]], progress) -> None:
+    loaded, _ = _model(job.weights, _version(job.weights), job.backend, job.device, job.dtype)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # Read (and move to the device) the next chunk while this one computes.
         pending = pool.submit(_read, job, loaded, *chunks[0])
@@ -222,22 +497,33 @@ def run_file(job: Job, progress: Callable[[int], Any] | None = None) -> None:
             _write(job, start, stop, out, states)
             if progress is not None:
                 progress(stop - start)
-    _finish(job)
 
 
 def run_file_distributed(
     job: Job, client: Any, progress: Callable[[int], Any] | None = None
 ) -> None:
-    """The job on a ``dask.distributed`` cluster through ``client``, one task per chunk."""
+    """The job on a ``dask.distributed`` cluster through ``client``, one task per chunk.
+
+    With N = 0 no task is submitted and the outputs are empty arrays of the
+    right shape. If a chunk fails for good, the remaining tasks are cancelled
+    and the temporary outputs removed.
+    """
     from distributed import as_completed
 
     _create_outputs(job)
-    futures = [
-        client.submit(_chunk_task, job, start, stop, pure=False, retries=2)
-        for start, stop in job.chunks()
-    ]
-    for future in as_completed(futures):
-        n = future.result()  # raises if a chunk failed for good: no rename then
-        if progress is not None:
-            progress(n)
-    _finish(job)
+    futures = []
+    try:
+        futures = [
+            client.submit(_chunk_task, job, start, stop, pure=False, retries=2)
+            for start, stop in job.chunks()
+        ]
+        for future in as_completed(futures) if futures else ():
+            n = future.result()  # raises if a chunk failed for good: no rename then
+            if progress is not None:
+                progress(n)
+        _finish(job)
+    except BaseException:
+        if futures:
+            client.cancel(futures)
+        _discard(job)
+        raise

@@ -333,22 +333,96 @@ def memory_lines(size: tuple, dtype: str) -> list[str]:
     return lines
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m rnn_xp bench", description=__doc__.split("\n")[0]
+        prog="rnn-xp bench",
+        description="Time rnn_xp's sequence functions on NumPy, torch and JAX against the "
+        "bare GEMMs, the seed notebook's loop and torch.nn (or, with --gpu, on CuPy and torch "
+        "CUDA against cuDNN), interleaved, best of several rounds. See BENCHMARKS.md.",
     )
-    parser.add_argument("--kind", action="append", choices=list(KINDS))
-    parser.add_argument("--dtype", action="append", choices=["float32", "float64"])
-    parser.add_argument("--size", nargs=4, type=int, action="append", metavar=("N", "T", "D", "H"))
-    parser.add_argument("--sweeps", action="store_true", help="add the T and N sweeps")
-    parser.add_argument("--rounds", type=int, default=7, help="best of this many rounds")
-    parser.add_argument("--budget", type=float, default=20.0, help="seconds per table, at most")
-    parser.add_argument("--memory", action="store_true", help="tracemalloc peaks on NumPy")
-    parser.add_argument("--gpu", action="store_true", help="CuPy and torch CUDA against cuDNN")
     parser.add_argument(
-        "--smoke", action="store_true", help="a tiny run that only checks it works"
+        "--kind",
+        action="append",
+        choices=list(KINDS),
+        help="Time only this cell kind (repeatable). Default: all of them.",
+    )
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=["float32", "float64"],
+        help="Time in this dtype (repeatable). Default: float32.",
+    )
+    parser.add_argument(
+        "--size",
+        nargs=4,
+        type=_positive,
+        action="append",
+        metavar=("N", "T", "D", "H"),
+        help="Time this size (repeatable). Default: the suite's sizes.",
+    )
+    parser.add_argument(
+        "--sweeps", action="store_true", help="Add the T and N sweeps. Default: off."
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_positive,
+        default=7,
+        help="Best of this many interleaved rounds. Default: 7.",
+    )
+    parser.add_argument(
+        "--budget",
+        type=_seconds,
+        default=20.0,
+        help="Seconds per table, at most. Default: 20.",
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="Add the tracemalloc peaks of NumPy forwards. Default: off.",
+    )
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="Time CuPy and torch CUDA against cuDNN instead. Default: off (CPU).",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="A tiny run that only checks it works. Default: off.",
     )
     args = parser.parse_args(argv)
+    from rnn_xp.batch import human_bytes, physical_memory
+
+    memory = physical_memory()
+    for N, T, D, H in args.size or []:
+        # Inputs, the gates of the widest kind (LSTM) with their backward cache,
+        # and every contender's copies: an upper estimate in float64.
+        needed = 8 * 16 * (N * T * (D + 4 * H) + 4 * H * (D + H))
+        if memory is not None and needed > memory:
+            parser.error(
+                f"argument --size: N={N} T={T} D={D} H={H} needs about {human_bytes(needed)} "
+                f"of memory, more than this machine's {human_bytes(memory)}"
+            )
 
     kinds = args.kind or list(KINDS)
     dtypes = args.dtype or ["float32"]

@@ -5,13 +5,16 @@ For each backend and dtype it runs `RNNLayer` forward and backward on the same
 inputs and prints the backend, device, dtype, the best-of-R forward time, and
 the largest deviation of ``hs`` and of every gradient from rnn_xp on NumPy
 float64 (whose own agreement with an independent NumPy reference is what the
-test suite checks). Backends that cannot run here are listed with the reason.
+test suite checks). Backends that cannot run here are listed with the reason,
+unless named with ``--backend``: then the command fails (exit status 2) before
+running anything, so that a CI job asking for a backend cannot pass without it.
 The exit status is 1 if any backend deviates beyond its dtype's tolerance.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 
@@ -19,6 +22,7 @@ import numpy as np
 
 from . import RNNLayer
 from ._backends import BACKENDS, TOLERANCE, BackendUnavailable, Loaded
+from .batch import human_bytes, physical_memory
 
 DTYPES = ("float32", "float64")
 
@@ -63,32 +67,101 @@ def _deviation(outputs: list, reference: list[np.ndarray], loaded: Loaded) -> fl
     )
 
 
+DESCRIPTION = (
+    "Run the notebook-sized example (RNNLayer forward and backward) on every installed "
+    "backend, in float32 and float64, and print each one's device, best forward time and "
+    "largest deviation from NumPy float64. Backends that cannot run here are listed as "
+    "skipped, with the reason; a backend named with --backend that cannot run is an error "
+    "instead. Exit status: 0 if every backend agrees within its dtype's tolerance, 1 if one "
+    "deviates, 2 for a bad argument or a named backend that cannot run."
+)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 def check(argv: Sequence[str]) -> int:
-    """The cross-backend agreement table; exit status 1 on a deviation."""
-    parser = argparse.ArgumentParser(
-        prog="python -m rnn_xp check", description=__doc__.split("\n")[0]
-    )
+    """The cross-backend agreement table; exit status 1 on a deviation.
+
+    A backend named with ``--backend`` that cannot run here is an error (one
+    line on stderr, exit status 2) before anything runs; without
+    ``--backend``, such backends are listed as skipped.
+    """
+    parser = argparse.ArgumentParser(prog="rnn-xp check", description=DESCRIPTION)
     parser.add_argument(
         "--backend",
         action="append",
         choices=list(BACKENDS),
         metavar="NAME",
-        help=f"run only this backend (repeatable); one of {', '.join(BACKENDS)}",
+        help=f"Run only this backend (repeatable); one of {', '.join(BACKENDS)}. "
+        "Default: every backend, skipping those that cannot run here.",
     )
     parser.add_argument(
         "--size",
         nargs=4,
-        type=int,
+        type=_positive,
         default=[32, 16, 100, 100],
         metavar=("N", "T", "D", "H"),
-        help="default: the notebook's 32 16 100 100",
+        help="Batch, time steps, input and hidden features. Default: the notebook's "
+        "32 16 100 100.",
     )
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs; the best is shown")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeat",
+        type=_positive,
+        default=5,
+        help="Timed forward runs per backend and dtype; the best is shown. Default: 5.",
+    )
+    parser.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="Seed of the random problem, a non-negative integer. Default: 0.",
+    )
     args = parser.parse_args(argv)
     N, T, D, H = args.size
-    if min(args.size) < 1 or args.repeat < 1:
-        parser.error("--size and --repeat take positive integers")
+    # The problem in float64 and its float32 copy, the reference's and one
+    # backend's outputs and caches: an upper estimate.
+    needed = 8 * 12 * (N * T * (D + 2 * H) + H * (D + H + N))
+    memory = physical_memory()
+    if memory is not None and needed > memory:
+        parser.error(
+            f"argument --size: N={N} T={T} D={D} H={H} needs about {human_bytes(needed)} of "
+            f"memory, more than this machine's {human_bytes(memory)}"
+        )
+
+    names = list(dict.fromkeys(args.backend or BACKENDS))
+    loaded_by_name: dict[str, Loaded | BackendUnavailable] = {}
+    for name in names:
+        try:
+            loaded_by_name[name] = BACKENDS[name].load()
+        except BackendUnavailable as exc:
+            if args.backend:
+                reason = " ".join(str(exc).split())
+                print(
+                    f"rnn-xp: error: --backend {name}: cannot run here: {reason}",
+                    file=sys.stderr,
+                )
+                return 2
+            loaded_by_name[name] = exc
 
     base = _problem(N, T, D, H, args.seed)
     numpy = BACKENDS["numpy"].load()
@@ -103,11 +176,10 @@ def check(argv: Sequence[str]) -> int:
     print("-" * len(header))
 
     failed = False
-    for name in args.backend or list(BACKENDS):
-        try:
-            loaded = BACKENDS[name].load()
-        except BackendUnavailable as exc:
-            print(f"{name:<26}skipped: {exc}")
+    for name in names:
+        loaded = loaded_by_name[name]
+        if isinstance(loaded, BackendUnavailable):
+            print(f"{name:<26}skipped: {loaded}")
             continue
         for dtype in DTYPES:
             # Round the inputs to dtype first, so that the deviation measures

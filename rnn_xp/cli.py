@@ -1,144 +1,438 @@
 """The ``rnn-xp`` command (also ``python -m rnn_xp``).
 
 Subcommands: ``check`` (the default), ``bench``, ``init``, ``convert``, ``run`` and
-``train``. A problem with the input prints one line on stderr, ``rnn-xp: error:
-...``, and exits with status 2, without a traceback.
+``train``. Every argument is checked before any work and before any file is
+created; a problem prints one line on stderr, ``rnn-xp: error: OPTION: ...``,
+naming the option as typed, and exits with status 2, without a traceback.
+Outputs are written under a temporary name and renamed when complete; no
+output may be one of the inputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from ._backends import BackendUnavailable
-from .batch import BatchError, backend_for
+from .batch import (
+    BatchError,
+    backend_for,
+    check_not_an_input,
+    check_output_path,
+    human_bytes,
+    physical_memory,
+)
+from .io import WeightsError
 from .model import MODES, Recurrent
+
+PROG = "rnn-xp"
+DESCRIPTION = (
+    "Recurrent networks (Elman RNN, LSTM, GRU) written once against the Python array API. "
+    "Run 'rnn-xp COMMAND --help' for a command's options. With no command, or with only "
+    "options, it runs check."
+)
+WEIGHTS_SUFFIXES = (".npz", ".safetensors")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".eps", ".ps")
 
 
 class CLIError(Exception):
     """A problem with what the user asked for; printed as one line."""
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+# -- argument types: argparse names the option in its message ------------------------
+
+
+def _integer(text: str, low: int | None, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if low is not None and value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
 
 
+def _positive(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
+
+
+def _int(text: str) -> int:
+    return _integer(text, None, "an integer")
+
+
+def _seed(text: str) -> int:
+    return _integer(text, 0, "a non-negative integer")
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty value, got {text!r}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rnn-xp", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    sub.add_parser("check", help="cross-backend agreement table (the default)", add_help=False)
-    sub.add_parser("bench", help="the benchmark suite (see BENCHMARKS.md)", add_help=False)
+    sub.add_parser(
+        "check",
+        help="Cross-backend agreement table of the notebook-sized example (the default).",
+        add_help=False,
+    )
+    sub.add_parser("bench", help="The benchmark suite (see BENCHMARKS.md).", add_help=False)
 
-    p = sub.add_parser("init", help="write fresh weights")
-    p.add_argument("--mode", required=True, choices=list(MODES))
-    p.add_argument("--input-size", required=True, type=_positive, metavar="D")
-    p.add_argument("--hidden-size", required=True, type=_positive, metavar="H")
-    p.add_argument("--num-layers", type=_positive, default=1, metavar="L")
-    p.add_argument("--bidirectional", action="store_true")
-    p.add_argument("--no-bias", action="store_true")
-    p.add_argument("--seed", type=int, default=None, metavar="S")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--out", required=True, metavar="W", help=".npz or .safetensors")
+    p = sub.add_parser(
+        "init",
+        help="Write fresh weights of a new model.",
+        description="Write the freshly initialized weights of a new model to a file.",
+    )
+    p.add_argument("--mode", required=True, choices=list(MODES), help="The cell kind. Required.")
+    p.add_argument(
+        "--input-size",
+        required=True,
+        type=_positive,
+        metavar="D",
+        help="Features per time step of the input. Required.",
+    )
+    p.add_argument(
+        "--hidden-size",
+        required=True,
+        type=_positive,
+        metavar="H",
+        help="Features of the hidden state. Required.",
+    )
+    p.add_argument(
+        "--num-layers", type=_positive, default=1, metavar="L", help="Stacked layers. Default: 1."
+    )
+    p.add_argument(
+        "--bidirectional",
+        action="store_true",
+        help="Add a reverse direction to every layer. Default: off.",
+    )
+    p.add_argument("--no-bias", action="store_true", help="Leave out the biases. Default: off.")
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=None,
+        metavar="S",
+        help="Seed of the initialization, a non-negative integer. Default: none (random).",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float16", "float32", "float64"],
+        default="float32",
+        help="Parameter dtype. Default: float32.",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="W",
+        help="The weights file to write, .npz or .safetensors (extra io). Required.",
+    )
 
-    p = sub.add_parser("convert", help="convert a torch state_dict (.pt) to .npz/.safetensors")
-    p.add_argument("source", metavar="IN.pt")
-    p.add_argument("target", metavar="OUT")
-    p.add_argument("--mode", choices=list(MODES), help="needed for a plain RNN (tanh or relu)")
-    p.add_argument("--batch-first", action="store_true")
+    p = sub.add_parser(
+        "convert",
+        help="Convert a torch state_dict (.pt) to .npz/.safetensors.",
+        description="Convert the state_dict of a torch.nn.RNN, LSTM or GRU, saved with "
+        "torch.save, into an rnn-xp weights file.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="The torch state_dict file to read (.pt).")
+    p.add_argument(
+        "target",
+        metavar="TARGET",
+        help="The weights file to write, .npz or .safetensors (extra io).",
+    )
+    p.add_argument(
+        "--mode",
+        choices=list(MODES),
+        help="The cell kind; needed for a plain RNN (rnn_tanh or rnn_relu), whose state_dict "
+        "does not say its nonlinearity. Default: inferred from the state_dict.",
+    )
+    p.add_argument(
+        "--batch-first",
+        action="store_true",
+        help="Record that the model takes (N, T, D) inputs. Default: off, (T, N, D).",
+    )
 
-    p = sub.add_parser("run", help="run a model over a .npy of sequences, in chunks")
-    p.add_argument("--weights", required=True, metavar="W")
-    p.add_argument("--input", required=True, metavar="X.npy", help="shape (N, T, D)")
-    p.add_argument("--out", required=True, metavar="Y.npy", help="written as (N, T, F)")
-    p.add_argument("--backend", default="numpy", help="numpy, cupy, torch or jax")
-    p.add_argument("--device", default=None, help="e.g. cuda:0 (torch), 1 (cupy), gpu (jax)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default=None)
-    p.add_argument("--batch-size", type=int, default=1024, metavar="B")
-    p.add_argument("--lengths", default=None, metavar="L.npy")
-    p.add_argument("--state-out", default=None, metavar="S.npy")
+    p = sub.add_parser(
+        "run",
+        help="Run a model over a .npy of sequences, in chunks.",
+        description="Run a saved model over a .npy file of sequences, chunk by chunk, and "
+        "write the outputs (and final states) to .npy files.",
+    )
+    p.add_argument(
+        "--weights", required=True, metavar="W", help="The weights file to run. Required."
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        metavar="X.npy",
+        help="The sequences, a .npy of shape (N, T, D), float16, float32 or float64. Required.",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="Y.npy",
+        help="Where to write the outputs, shape (N, T, num_directions*H). Required.",
+    )
+    p.add_argument(
+        "--backend",
+        type=_text,
+        default="numpy",
+        help="The array library to compute with: numpy, cupy, torch or jax. Default: numpy.",
+    )
+    p.add_argument(
+        "--device",
+        type=_text,
+        default=None,
+        help="Where to compute: cpu or cuda:N (torch), a GPU index (cupy), cpu or gpu (jax). "
+        "Default: the library's default device.",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float16", "float32", "float64"],
+        default=None,
+        help="The computation and output dtype. Default: the result type of the input's and "
+        "the weights' dtypes.",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_int,  # its range is checked by batch.prepare, which names it too
+        default=1024,
+        metavar="B",
+        help="Sequences per chunk. Default: 1024.",
+    )
+    p.add_argument(
+        "--lengths",
+        default=None,
+        metavar="L.npy",
+        help="Valid length of each sequence, a .npy of N integers in [1, T]. "
+        "Default: every sequence is T steps long.",
+    )
+    p.add_argument(
+        "--state-out",
+        default=None,
+        metavar="S.npy",
+        help="Where to write the final states. Default: not written.",
+    )
     p.add_argument(
         "--scheduler",
+        type=_text,
         default=None,
         metavar="ADDRESS",
-        help="run on this dask.distributed scheduler (tcp://host:8786)",
+        help="Run on this dask.distributed scheduler (tcp://host:8786). Default: in this process.",
     )
     p.add_argument(
         "--workers",
         type=_positive,
         default=None,
         metavar="K",
-        help="run on a local Dask cluster of K worker processes",
+        help="Run on a local Dask cluster of K worker processes. Default: in this process.",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-progress", action="store_true", help="Hide the progress bar. Default: shown."
+    )
 
-    p = sub.add_parser("train", help="train a character-level LSTM on a bundled text")
-    p.add_argument("--steps", type=_positive, default=300)
-    p.add_argument("--hidden-size", type=_positive, default=64)
-    p.add_argument("--backend", default="numpy")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default="rnn-xp-charlm.npz", metavar="W")
-    p.add_argument("--plot", default=None, metavar="PNG", help="loss curve (needs matplotlib)")
-    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser(
+        "train",
+        help="Train a character-level LSTM on a bundled text.",
+        description="Train a character-level LSTM language model on the Declaration of "
+        "Independence with truncated BPTT and Adam, and report its held-out loss next to "
+        "the unigram baseline. An existing --checkpoint of the same settings is resumed.",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive,
+        default=300,
+        help="Training steps in total, counting those of a resumed checkpoint. Default: 300.",
+    )
+    p.add_argument(
+        "--hidden-size",
+        type=_positive,
+        default=64,
+        metavar="H",
+        help="Features of the LSTM's state. Default: 64.",
+    )
+    p.add_argument(
+        "--backend",
+        type=_text,
+        default="numpy",
+        help="The array library to train with: numpy, cupy, torch or jax. Default: numpy.",
+    )
+    p.add_argument(
+        "--device",
+        type=_text,
+        default=None,
+        help="Where to compute, as for run. Default: the library's default device.",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default="float32",
+        help="Parameter and computation dtype. Default: float32.",
+    )
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="Seed of the initialization, a non-negative integer. Default: 0.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default="rnn-xp-charlm.npz",
+        metavar="W",
+        help="Training state, written every 100 steps and at the end (.npz or .safetensors); "
+        "if it exists and was made with the same settings, training resumes from it. "
+        "Default: rnn-xp-charlm.npz.",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="Start from scratch and overwrite an existing --checkpoint. Default: resume.",
+    )
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="Draw the loss curve into this image file (.png, .pdf, .svg, .eps or .ps; "
+        "extra plot). Default: not drawn.",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="Hide the progress bar. Default: shown."
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        from . import bench
-
-        return bench.main(argv[1:])
-    if (
-        not argv
-        or argv[0] == "check"
-        or (argv[0].startswith("-") and argv[0] not in ("-h", "--help"))
-    ):
-        from .check import check
-
-        return check(argv[1:] if argv[:1] == ["check"] else argv)
-    args = _parser().parse_args(argv)
     try:
-        return {"init": init, "convert": convert, "run": run, "train": train}[args.command](args)
-    except (
-        CLIError,
-        BatchError,
-        BackendUnavailable,
-        FileNotFoundError,
-        ValueError,
-        TypeError,
-    ) as exc:
-        print(f"rnn-xp: error: {exc}", file=sys.stderr)
-        return 2
+        if argv[:1] == ["bench"]:
+            from . import bench
+
+            return bench.main(argv[1:])
+        if (
+            not argv
+            or argv[0] == "check"
+            or (argv[0].startswith("-") and argv[0] not in ("-h", "--help"))
+        ):
+            from .check import check
+
+            return check(argv[1:] if argv[:1] == ["check"] else argv)
+        args = _parser().parse_args(argv)
+        if args.command is None:  # pragma: no cover (argv is never empty here)
+            return 0
+        command = {"init": init, "convert": convert, "run": run, "train": train}[args.command]
+        return command(args)
+    except (CLIError, BatchError, BackendUnavailable, WeightsError) as exc:
+        return _error(exc)
+    except (FileNotFoundError, ValueError, TypeError) as exc:  # a last resort: still one line
+        return _error(exc)
+    except MemoryError:
+        print(f"{PROG}: error: out of memory", file=sys.stderr)
+        return 1
+    except OSError as exc:  # during the work: a full disk, a file removed under us
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{PROG}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("rnn-xp: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 
 
+def _error(exc: BaseException) -> int:
+    text = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever it holds
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    return 2
+
+
+# -- outputs of init, convert and train ----------------------------------------------
+
+
+def _weights_temporary(path: str) -> str:
+    """The name `rnn_xp.io.save` writes ``path`` under before renaming it."""
+    p = Path(path)
+    return str(p.with_name(p.name + ".partial" + p.suffix))
+
+
+def _weights_output(path: str, option: str) -> str:
+    """Check a weights file to be written (suffix, folder, temporary name, safetensors)."""
+    path = check_output_path(path, option, WEIGHTS_SUFFIXES, [_weights_temporary(path)])
+    if path.endswith(".safetensors") and importlib.util.find_spec("safetensors") is None:
+        raise CLIError(
+            f"{option}: writing .safetensors needs the safetensors package; "
+            "pip install 'rnn-xp[io]'"
+        )
+    return path
+
+
+def parameter_count(
+    mode: str, input_size: int, hidden_size: int, num_layers: int, bidirectional: bool, bias: bool
+) -> tuple[int, int]:
+    """``(total, largest)``: the model's parameter count and its largest array's size."""
+    G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[mode]
+    dirs, H = (2 if bidirectional else 1), hidden_size
+
+    def layer(D: int) -> int:  # one layer, every direction
+        return dirs * (G * H * (D + H) + (2 * G * H if bias else 0))
+
+    # In closed form: --num-layers may be huge, and is then refused by its size.
+    total = layer(input_size) + (num_layers - 1) * layer(dirs * H)
+    largest = G * H * max(input_size, H, dirs * H if num_layers > 1 else 0)
+    return total, largest
+
+
+def _check_memory(needed: int, options: str, what: str) -> None:
+    memory = physical_memory()
+    if memory is not None and needed > memory:
+        raise CLIError(
+            f"{options}: {what} needs about {human_bytes(needed)} of memory, more than this "
+            f"machine's {human_bytes(memory)}"
+        )
+
+
 def init(args: argparse.Namespace) -> int:
-    model = Recurrent(
+    out = _weights_output(args.out, "--out")
+    total, largest = parameter_count(
         args.mode,
         args.input_size,
         args.hidden_size,
         args.num_layers,
-        bias=not args.no_bias,
-        batch_first=True,
-        bidirectional=args.bidirectional,
-        seed=args.seed,
-        dtype=args.dtype,
+        args.bidirectional,
+        not args.no_bias,
     )
-    return _save(model, args.out)
+    itemsize = {"float16": 2, "float32": 4, "float64": 8}[args.dtype]
+    sizes = "--hidden-size, --input-size, --num-layers"
+    what = f"a {args.mode} model of {total:,} parameters ({args.dtype})"
+    # The parameters, plus one float64 draw of the largest before rounding to dtype.
+    _check_memory(total * itemsize + largest * 8, sizes, what)
+    try:
+        model = Recurrent(
+            args.mode,
+            args.input_size,
+            args.hidden_size,
+            args.num_layers,
+            bias=not args.no_bias,
+            batch_first=True,
+            bidirectional=args.bidirectional,
+            seed=args.seed,
+            dtype=args.dtype,
+        )
+    except MemoryError:
+        raise CLIError(f"{sizes}: not enough memory for {what}") from None
+    return _save(model, out, "--out")
 
 
-def _save(model: Recurrent, path: str) -> int:
-    model.save(path)
+def _save(model: Recurrent, path: str, option: str) -> int:
+    try:
+        model.save(path)
+    except WeightsError as exc:
+        raise CLIError(f"{option}: {exc.detail}") from None
     print(
         f"wrote {path}: {model.mode}, D={model.input_size}, H={model.hidden_size}, "
         f"{model.num_layers} layer(s){', bidirectional' if model.bidirectional else ''}"
@@ -147,20 +441,55 @@ def _save(model: Recurrent, path: str) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
+    source = args.source
+    if not os.path.lexists(source):
+        raise CLIError(f"SOURCE: no such file {source!r}")
+    if os.path.isdir(source):
+        raise CLIError(f"SOURCE: {source!r} is a folder, expected a torch state_dict file (.pt)")
+    if not os.path.isfile(source):
+        raise CLIError(f"SOURCE: {source!r} is not a regular file")
+    if os.path.getsize(source) == 0:
+        raise CLIError(f"SOURCE: {source!r} is empty (0 bytes)")
+    target = _weights_output(args.target, "TARGET")
+    check_not_an_input({"TARGET": [target, _weights_temporary(target)]}, {"SOURCE": source})
+    if importlib.util.find_spec("torch") is None:
+        raise CLIError(
+            "SOURCE: reading a torch .pt file needs PyTorch; pip install 'rnn-xp[torch]'"
+        )
     from .io import load_torch
 
     try:
-        model = load_torch(args.source, mode=args.mode, batch_first=args.batch_first)
-    except ImportError:
+        model = load_torch(source, mode=args.mode, batch_first=args.batch_first)
+    except WeightsError as exc:
+        option = {"mode": "--mode", "batch_first": "--batch-first"}.get(exc.argument, "SOURCE")
+        raise CLIError(f"{option}: {exc.detail}") from None
+    except MemoryError:
+        raise CLIError(f"SOURCE: {source!r} is too large to convert here") from None
+    except Exception as exc:  # torch.load's own failures: pickle, zip, unknown formats
+        text = " ".join(str(exc).split())
+        if text.startswith("mode: "):
+            raise CLIError(f"--mode: {text.removeprefix('mode: ')}") from None
+        for prefix in ("state_dict: ", "path: ", "weights: "):
+            text = text.removeprefix(prefix)
+        detail = text if text else type(exc).__name__
         raise CLIError(
-            "convert needs PyTorch to read a .pt file; pip install 'rnn-xp[torch]'"
+            f"SOURCE: cannot read {source!r} as a torch state_dict ({detail})"
         ) from None
-    return _save(model, args.target)
+    return _save(model, target, "TARGET")
+
+
+# -- run -----------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> int:
     from . import batch
 
+    if args.scheduler is not None and args.workers is not None:
+        raise CLIError("--workers: give --scheduler or --workers, not both")
+    distributed = args.scheduler is not None or args.workers is not None
+    if distributed and importlib.util.find_spec("distributed") is None:
+        option = "--scheduler" if args.scheduler is not None else "--workers"
+        raise CLIError(f"{option}: needs dask.distributed; pip install 'rnn-xp[dask]'")
     job = batch.prepare(
         args.weights,
         args.input,
@@ -172,83 +501,183 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
     )
-    bar = _progress(job.N, "sequences", disable=args.no_progress)
-    if args.scheduler is None and args.workers is None:
+    if not distributed:
+        bar = _progress(job.N, "sequences", disable=args.no_progress)
         batch.run_file(job, progress=bar.update)
-    else:
-        from distributed import Client, LocalCluster
+        bar.close()
+        return 0
+    from distributed import Client, LocalCluster
 
-        if args.scheduler is not None:
-            with Client(args.scheduler) as client:
-                batch.run_file_distributed(job, client, progress=bar.update)
-        else:
-            with (
-                LocalCluster(
-                    n_workers=args.workers,
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=None,
-                ) as cluster,
-                Client(cluster) as client,
-            ):
-                batch.run_file_distributed(job, client, progress=bar.update)
+    if args.scheduler is not None:
+        try:
+            client = Client(args.scheduler, timeout=30)
+        except (OSError, ValueError, TypeError) as exc:
+            text = " ".join(str(exc).split())
+            raise CLIError(f"--scheduler: cannot connect to {args.scheduler!r} ({text})") from None
+        with client:
+            bar = _progress(job.N, "sequences", disable=args.no_progress)
+            batch.run_file_distributed(job, client, progress=bar.update)
+    else:
+        with (
+            LocalCluster(
+                n_workers=args.workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            bar = _progress(job.N, "sequences", disable=args.no_progress)
+            batch.run_file_distributed(job, client, progress=bar.update)
     bar.close()
     return 0
 
 
-def _progress(total: int | None, unit: str, disable: bool):
+def _progress(total: int | None, unit: str, disable: bool, initial: int = 0):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit=" " + unit, unit_scale=True, disable=disable, file=sys.stderr)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit=" " + unit,
+        unit_scale=True,
+        disable=disable,
+        file=sys.stderr,
+    )
+
+
+# -- train ---------------------------------------------------------------------------
+
+
+def _plot_output(plot: str) -> str:
+    try:
+        import matplotlib
+    except ImportError:
+        raise CLIError(
+            "--plot: drawing the loss curve needs matplotlib; pip install 'rnn-xp[plot]'"
+        ) from None
+    matplotlib.use("Agg")
+    return check_output_path(plot, "--plot", PLOT_SUFFIXES, [plot + ".partial"])
 
 
 def train(args: argparse.Namespace) -> int:
-    from .train import train_char_lm
+    from .train import (
+        CheckpointError,
+        load_text,
+        read_checkpoint,
+        settings_of,
+        train_char_lm,
+    )
 
     backend = backend_for(args.backend, args.device)
+    V, H = len(set(load_text())), args.hidden_size
+    seq_len, batch = 32, 16
+    itemsize = 4 if args.dtype == "float32" else 8
+    total, _ = parameter_count("lstm", V, H, 1, False, True)
+    total += H * V + V  # the readout
+    # Parameters, gradients, Adam's two moments, the updated copy, the model's
+    # own; plus one step's activations and backward cache.
+    needed = itemsize * (6 * total + batch * seq_len * (4 * V + 16 * H))
+    _check_memory(needed, "--hidden-size", f"training with --hidden-size {H}")
+    checkpoint = _weights_output(args.checkpoint, "--checkpoint")
+    outputs = {"--checkpoint": [checkpoint, _weights_temporary(checkpoint)]}
     if args.plot is not None:
+        outputs["--plot"] = [_plot_output(args.plot), args.plot + ".partial"]
+    check_not_an_input(outputs, {})
+
+    settings = settings_of(H, seq_len, batch, 0.01, args.dtype, args.seed)
+    resume = None
+    if os.path.exists(checkpoint) and not args.restart:
+        how = "give another --checkpoint path, or --restart to start over and overwrite it"
         try:
-            import matplotlib
-        except ImportError:
-            raise CLIError("--plot needs matplotlib; pip install 'rnn-xp[plot]'") from None
-        matplotlib.use("Agg")
-    bar = _progress(args.steps, "steps", disable=args.no_progress)
+            resume = read_checkpoint(checkpoint)
+        except CheckpointError as exc:
+            raise CLIError(
+                f"--checkpoint: {checkpoint!r} exists and is not an rnn-xp train checkpoint "
+                f"to resume: it {exc.detail}; {how}"
+            ) from None
+        differ = resume.mismatches(settings)
+        if differ:
+            names = {"hidden_size": "--hidden-size", "dtype": "--dtype", "seed": "--seed"}
+            diff = ", ".join(f"{names.get(k, k)} {a} (not {b})" for k, (a, b) in differ.items())
+            raise CLIError(
+                f"--checkpoint: {checkpoint!r} was made with {diff}; give the same settings "
+                f"to resume it, or {how}"
+            )
+    done = 0 if resume is None else resume.step
+    if resume is not None:
+        if done >= args.steps:
+            print(
+                f"{checkpoint} is already at step {done} (--steps {args.steps}): nothing to "
+                f"train; give a larger --steps to continue"
+            )
+        else:
+            print(f"resuming {checkpoint} at step {done} of {args.steps}")
+    bar = _progress(args.steps, "steps", disable=args.no_progress, initial=min(done, args.steps))
 
     def progress(step: int, loss: float) -> None:
         bar.set_postfix(loss=f"{loss:.3f}")
         bar.update(1)
 
     start = time.perf_counter()
-    result, _, _ = train_char_lm(
-        backend,
-        steps=args.steps,
-        hidden_size=args.hidden_size,
-        dtype=args.dtype,
-        seed=args.seed,
-        progress=progress,
-        checkpoint=args.checkpoint,
+    try:
+        result, _, _ = train_char_lm(
+            backend,
+            steps=args.steps,
+            hidden_size=H,
+            seq_len=seq_len,
+            batch=batch,
+            dtype=args.dtype,
+            seed=args.seed,
+            progress=progress,
+            checkpoint=checkpoint,
+            resume=resume,
+        )
+    except WeightsError as exc:  # writing the checkpoint failed
+        raise CLIError(f"--checkpoint: {exc.detail}") from None
+    finally:
+        bar.close()
+    trained = max(0, args.steps - done)
+    steps_text = f"{len(result.losses)} steps" + (
+        f" ({trained} in this run)" if resume is not None else ""
     )
-    bar.close()
+    margin = result.unigram - result.held_out
+    if math.isfinite(margin) and margin > 0:
+        verdict = f"the held-out loss beats the unigram baseline by {margin:.3f} nats/char"
+    else:
+        verdict = (
+            f"the held-out loss does NOT beat the unigram baseline ({result.held_out:.3f} >= "
+            f"{result.unigram:.3f} nats/char); train longer (a larger --steps resumes "
+            "the checkpoint)"
+        )
     print(
-        f"character-level LSTM on the Declaration of Independence, {args.steps} steps, "
+        f"character-level LSTM on the Declaration of Independence, {steps_text}, "
         f"{time.perf_counter() - start:.1f} s on {args.backend}\n"
         f"  training loss      {result.losses[0]:.3f} -> {result.losses[-1]:.3f} nats/char\n"
         f"  held-out loss      {result.held_out:.3f} nats/char "
         f"(perplexity {result.perplexity:.1f})\n"
         f"  unigram baseline   {result.unigram:.3f} nats/char "
         f"(perplexity {result.unigram_perplexity:.1f})\n"
-        f"  checkpoint         {args.checkpoint}"
+        f"  comparison         {verdict}\n"
+        f"  checkpoint         {checkpoint} (step {len(result.losses)})"
     )
     if args.plot is not None:
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(range(1, len(result.losses) + 1), result.losses, label="training loss")
-        ax.axhline(result.unigram, color="gray", linestyle="--", label="unigram baseline")
-        ax.axhline(result.held_out, color="tab:red", linestyle=":", label="final held-out loss")
-        ax.set(xlabel="step", ylabel="cross-entropy (nats/char)", title="rnn-xp train")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=100)
+        _draw(result, args.plot)
         print(f"  loss curve         {args.plot}")
-    return 0 if result.held_out < result.unigram else 1
+    return 0
+
+
+def _draw(result, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(result.losses) + 1), result.losses, label="training loss")
+    ax.axhline(result.unigram, color="gray", linestyle="--", label="unigram baseline")
+    ax.axhline(result.held_out, color="tab:red", linestyle=":", label="final held-out loss")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/char)", title="rnn-xp train")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".partial"
+    fig.savefig(tmp, dpi=100, format=Path(path).suffix[1:])
+    plt.close(fig)
+    os.replace(tmp, path)

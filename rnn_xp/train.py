@@ -15,6 +15,7 @@ held-out text.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,7 +27,15 @@ from ._backends import Loaded, arange, asarray
 from .model import Recurrent
 from .optim import Adam
 
-__all__ = ["TrainResult", "load_text", "train_char_lm"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "TrainResult",
+    "load_text",
+    "read_checkpoint",
+    "settings_of",
+    "train_char_lm",
+]
 
 
 def load_text() -> str:
@@ -64,6 +73,131 @@ def _cross_entropy(xp, logits, targets_1h):
     return loss, (e / total - targets_1h) / count
 
 
+KIND = "rnn-xp train checkpoint"
+VERSION = 1
+SETTINGS = ("hidden_size", "dtype", "seed", "lr", "seq_len", "batch", "betas", "eps", "max_norm")
+"""What a resumed run must share with the run that wrote its checkpoint."""
+BETAS, EPS, MAX_NORM = (0.9, 0.999), 1e-8, 5.0  # Adam's settings in this training run
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; ``detail`` says why, in one line."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"checkpoint: {detail}")
+        self.detail = detail
+
+
+@dataclass
+class Checkpoint:
+    """The state of a training run after ``step`` steps, as `train_char_lm` writes it.
+
+    The file is a model file (`rnn_xp.load` reads the LSTM) whose extra arrays
+    hold the readout (``readout.W``, ``readout.b``), the vocabulary
+    (``vocab``, code points) and, under ``train.``: the settings
+    (``train.settings``, JSON as uint8), ``train.counters`` (step, stream
+    offset, Adam's t), ``train.losses`` (every step's loss so far), the LSTM
+    states carried into the next step (``train.state.h``, ``train.state.c``)
+    and Adam's moments (``train.adam.m.NAME``, ``train.adam.v.NAME`` for every
+    parameter NAME, the readout's included).
+    """
+
+    settings: dict[str, Any]
+    step: int
+    offset: int
+    adam_t: int
+    params: dict[str, np.ndarray]  # the model's state_dict, then readout.W and readout.b
+    m: dict[str, np.ndarray]
+    v: dict[str, np.ndarray]
+    state: tuple[np.ndarray, np.ndarray]
+    losses: list[float]
+
+    def mismatches(self, settings: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """``{name: (in the checkpoint, asked for now)}`` for every setting that differs."""
+        return {
+            k: (self.settings.get(k), v)
+            for k, v in settings.items()
+            if _jsonable(self.settings.get(k)) != _jsonable(v)
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def settings_of(
+    hidden_size: int = 64,
+    seq_len: int = 32,
+    batch: int = 16,
+    lr: float = 0.01,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The settings a checkpoint records (with the optimizer's fixed ones)."""
+    return {
+        "hidden_size": int(hidden_size),
+        "dtype": str(dtype),
+        "seed": int(seed),
+        "lr": float(lr),
+        "seq_len": int(seq_len),
+        "batch": int(batch),
+        "betas": list(BETAS),
+        "eps": EPS,
+        "max_norm": MAX_NORM,
+    }
+
+
+def read_checkpoint(path: Any) -> Checkpoint:
+    """The training state in ``path``; `CheckpointError` if it holds none (or is unreadable)."""
+    from .io import load, load_extra
+
+    try:
+        model = load(path)
+        extra = load_extra(path)
+    except Exception as exc:  # any failure to read it: it is not a checkpoint to resume
+        detail = getattr(exc, "detail", None) or " ".join(str(exc).split()) or type(exc).__name__
+        raise CheckpointError(f"cannot be read as an rnn-xp model ({detail})") from None
+    if "train.settings" not in extra:
+        raise CheckpointError("holds a model but no training state")
+    try:
+        settings = json.loads(bytes(np.asarray(extra["train.settings"], np.uint8)).decode())
+        if not isinstance(settings, dict) or settings.get("kind") != KIND:
+            raise ValueError("not a training checkpoint")
+        if settings.get("version") != VERSION:
+            raise ValueError(f"checkpoint version {settings.get('version')}, expected {VERSION}")
+        step, offset, adam_t = (int(c) for c in extra["train.counters"])
+        params = model.state_dict() | {
+            "readout.W": extra["readout.W"],
+            "readout.b": extra["readout.b"],
+        }
+        m = {k: extra[f"train.adam.m.{k}"] for k in params}
+        v = {k: extra[f"train.adam.v.{k}"] for k in params}
+        state = (extra["train.state.h"], extra["train.state.c"])
+        losses = [float(x) for x in extra["train.losses"]]
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"has an incomplete training state ({exc})") from None
+    if len(losses) != step or step < 1 or offset < 0 or adam_t < 1:
+        raise CheckpointError(
+            f"has an inconsistent training state ({len(losses)} losses, step {step}, "
+            f"offset {offset}, Adam step {adam_t})"
+        )
+    H, batch = settings.get("hidden_size"), settings.get("batch")
+    if (model.mode, model.num_layers, model.bidirectional, model.hidden_size) != (
+        "lstm",
+        1,
+        False,
+        H,
+    ):
+        raise CheckpointError("holds a model that is not this training run's LSTM")
+    wrong = [k for k in params if not (m[k].shape == v[k].shape == tuple(params[k].shape))]
+    wrong += [name for name, a in zip("hc", state) if a.shape != (1, batch, H)]
+    if wrong:
+        raise CheckpointError(f"has a training state of the wrong shape ({', '.join(wrong)})")
+    return Checkpoint(
+        {k: settings.get(k) for k in SETTINGS}, step, offset, adam_t, params, m, v, state, losses
+    )
+
+
 def train_char_lm(
     backend: Loaded,
     steps: int = 300,
@@ -76,14 +210,25 @@ def train_char_lm(
     progress: Any = None,
     checkpoint: Any = None,
     checkpoint_every: int = 100,
+    resume: Checkpoint | None = None,
 ) -> tuple[TrainResult, Recurrent, dict]:
     """Train; return the result, the model and the readout ``{"W", "b"}``.
 
     ``progress``, if given, is called as ``progress(step, loss)`` after each step.
     ``checkpoint``, a .npz or .safetensors path, is written every
-    ``checkpoint_every`` steps and at the end (the readout and the vocabulary
-    as extra arrays).
+    ``checkpoint_every`` steps and at the end: the model, the readout and the
+    vocabulary, and everything needed to resume (see `Checkpoint`).
+    ``resume``, a `Checkpoint` (from `read_checkpoint`) made with the same
+    settings, continues that run up to ``steps`` in total, bit for bit as if it
+    had not stopped; if it is already at ``steps`` or beyond, nothing is
+    trained and the result reports the checkpoint's model.
     """
+    settings = settings_of(hidden_size, seq_len, batch, lr, dtype, seed)
+    if resume is not None and resume.mismatches(settings):
+        diff = ", ".join(
+            f"{k} {a!r} (now {b!r})" for k, (a, b) in resume.mismatches(settings).items()
+        )
+        raise CheckpointError(f"was made with other settings: {diff}")
     text = load_text()
     vocab = sorted(set(text))
     V = len(vocab)
@@ -106,13 +251,25 @@ def train_char_lm(
         "b": asarray(xp, np.zeros(V), dt, dev),
     }
     params = model.state_dict() | {"readout." + n: a for n, a in readout.items()}
-    optimizer = Adam(lr=lr, max_norm=5.0)
+    optimizer = Adam(lr=lr, betas=BETAS, eps=EPS, max_norm=MAX_NORM)
 
     stream_len = (len(train_ids) - 1) // batch
     starts = np.arange(batch) * stream_len
     result = TrainResult(vocab="".join(vocab))
-    state, offset = None, 0
-    for step in range(1, steps + 1):
+    state, offset, first = None, 0, 1
+    if resume is not None:
+        if {k: a.shape for k, a in resume.params.items()} != {
+            k: tuple(a.shape) for k, a in params.items()
+        }:
+            raise CheckpointError("has parameters of other shapes than this run's model")
+        params = {k: asarray(xp, resume.params[k], dt, dev) for k in params}
+        optimizer.t = resume.adam_t
+        optimizer.m = {k: asarray(xp, a, dt, dev) for k, a in resume.m.items()}
+        optimizer.v = {k: asarray(xp, a, dt, dev) for k, a in resume.v.items()}
+        state = tuple(asarray(xp, a, dt, dev) for a in resume.state)
+        offset, first = resume.offset, resume.step + 1
+        result.losses = list(resume.losses)
+    for step in range(first, steps + 1):
         if offset + seq_len > stream_len:  # a pass over the text is done: start again
             state, offset = None, 0
         pos = starts[:, None] + offset + np.arange(seq_len)
@@ -133,7 +290,20 @@ def train_char_lm(
         if progress is not None:
             progress(step, result.losses[-1])
         if checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
-            _save(model, params, vocab, checkpoint)
+            train_state = {
+                "train.settings": np.frombuffer(
+                    json.dumps({"kind": KIND, "version": VERSION, **settings}).encode(),
+                    dtype=np.uint8,
+                ),
+                "train.counters": np.array([step, offset, optimizer.t], dtype=np.int64),
+                "train.losses": np.array(result.losses, dtype=np.float64),
+                "train.state.h": state[0],
+                "train.state.c": state[1],
+            }
+            for name in params:
+                train_state[f"train.adam.m.{name}"] = optimizer.m[name]
+                train_state[f"train.adam.v.{name}"] = optimizer.v[name]
+            _save(model, params, vocab, checkpoint, train_state)
 
     model.load_state_dict({k: v for k, v in params.items() if not k.startswith("readout.")})
     x = _one_hot(xp, asarray(xp, test_ids[None, :-1], None, dev), V, dt, dev)
@@ -144,7 +314,7 @@ def train_char_lm(
     return result, model, {"W": params["readout.W"], "b": params["readout.b"]}
 
 
-def _save(model: Recurrent, params: dict, vocab: list[str], path: Any) -> None:
+def _save(model: Recurrent, params: dict, vocab: list[str], path: Any, extra: dict) -> None:
     model.load_state_dict({k: v for k, v in params.items() if not k.startswith("readout.")})
     codepoints = np.array([ord(c) for c in vocab], dtype=np.int32)
     model.save(
@@ -153,5 +323,6 @@ def _save(model: Recurrent, params: dict, vocab: list[str], path: Any) -> None:
             "readout.W": params["readout.W"],
             "readout.b": params["readout.b"],
             "vocab": codepoints,
+            **extra,
         },
     )
