@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 import rnn_xp
+from rnn_xp import _argtypes
 
 KINDS = {"rnn_tanh": 1, "lstm": 4, "gru": 3}
 NOTEBOOK = (32, 16, 100, 100)
@@ -333,26 +334,6 @@ def memory_lines(size: tuple, dtype: str) -> list[str]:
     return lines
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="rnn-xp bench",
@@ -375,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--size",
         nargs=4,
-        type=_positive,
+        type=_argtypes.positive,
         action="append",
         metavar=("N", "T", "D", "H"),
         help="Time this size (repeatable). Default: the suite's sizes.",
@@ -385,13 +366,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--rounds",
-        type=_positive,
+        type=_argtypes.positive,
         default=7,
         help="Best of this many interleaved rounds. Default: 7.",
     )
     parser.add_argument(
         "--budget",
-        type=_seconds,
+        type=_argtypes.seconds,
         default=20.0,
         help="Seconds per table, at most. Default: 20.",
     )

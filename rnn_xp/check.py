@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import RNNLayer
+from . import RNNLayer, _argtypes
 from ._backends import BACKENDS, TOLERANCE, BackendUnavailable, Loaded
 from .batch import human_bytes, physical_memory
 
@@ -77,28 +77,6 @@ DESCRIPTION = (
 )
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative integer, got {text!r}"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
 def check(argv: Sequence[str]) -> int:
     """The cross-backend agreement table; exit status 1 on a deviation.
 
@@ -118,7 +96,7 @@ def check(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--size",
         nargs=4,
-        type=_positive,
+        type=_argtypes.positive,
         default=[32, 16, 100, 100],
         metavar=("N", "T", "D", "H"),
         help="Batch, time steps, input and hidden features. Default: the notebook's "
@@ -126,13 +104,13 @@ def check(argv: Sequence[str]) -> int:
     )
     parser.add_argument(
         "--repeat",
-        type=_positive,
+        type=_argtypes.positive,
         default=5,
         help="Timed forward runs per backend and dtype; the best is shown. Default: 5.",
     )
     parser.add_argument(
         "--seed",
-        type=_seed,
+        type=_argtypes.seed,
         default=0,
         help="Seed of the random problem, a non-negative integer. Default: 0.",
     )

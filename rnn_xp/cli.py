@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import _argtypes
 from ._backends import BackendUnavailable
 from .batch import (
     BatchError,
@@ -48,34 +49,6 @@ class CLIError(Exception):
 # -- argument types: argparse names the option in its message ------------------------
 
 
-def _integer(text: str, low: int | None, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if low is not None and value < low:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    return _integer(text, 1, "a positive integer")
-
-
-def _int(text: str) -> int:
-    return _integer(text, None, "an integer")
-
-
-def _seed(text: str) -> int:
-    return _integer(text, 0, "a non-negative integer")
-
-
-def _text(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"expected a non-empty value, got {text!r}")
-    return text
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -96,19 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input-size",
         required=True,
-        type=_positive,
+        type=_argtypes.positive,
         metavar="D",
         help="Features per time step of the input. Required.",
     )
     p.add_argument(
         "--hidden-size",
         required=True,
-        type=_positive,
+        type=_argtypes.positive,
         metavar="H",
         help="Features of the hidden state. Required.",
     )
     p.add_argument(
-        "--num-layers", type=_positive, default=1, metavar="L", help="Stacked layers. Default: 1."
+        "--num-layers",
+        type=_argtypes.positive,
+        default=1,
+        metavar="L",
+        help="Stacked layers. Default: 1.",
     )
     p.add_argument(
         "--bidirectional",
@@ -118,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bias", action="store_true", help="Leave out the biases. Default: off.")
     p.add_argument(
         "--seed",
-        type=_seed,
+        type=_argtypes.seed,
         default=None,
         metavar="S",
         help="Seed of the initialization, a non-negative integer. Default: none (random).",
@@ -183,13 +160,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backend",
-        type=_text,
+        type=_argtypes.nonempty,
         default="numpy",
         help="The array library to compute with: numpy, cupy, torch or jax. Default: numpy.",
     )
     p.add_argument(
         "--device",
-        type=_text,
+        type=_argtypes.nonempty,
         default=None,
         help="Where to compute: cpu or cuda:N (torch), a GPU index (cupy), cpu or gpu (jax). "
         "Default: the library's default device.",
@@ -203,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batch-size",
-        type=_int,  # its range is checked by batch.prepare, which names it too
+        type=_argtypes.integer,  # its range is checked by batch.prepare, which names it too
         default=1024,
         metavar="B",
         help="Sequences per chunk. Default: 1024.",
@@ -223,14 +200,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scheduler",
-        type=_text,
+        type=_argtypes.nonempty,
         default=None,
         metavar="ADDRESS",
         help="Run on this dask.distributed scheduler (tcp://host:8786). Default: in this process.",
     )
     p.add_argument(
         "--workers",
-        type=_positive,
+        type=_argtypes.positive,
         default=None,
         metavar="K",
         help="Run on a local Dask cluster of K worker processes. Default: in this process.",
@@ -248,26 +225,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--steps",
-        type=_positive,
+        type=_argtypes.positive,
         default=300,
         help="Training steps in total, counting those of a resumed checkpoint. Default: 300.",
     )
     p.add_argument(
         "--hidden-size",
-        type=_positive,
+        type=_argtypes.positive,
         default=64,
         metavar="H",
         help="Features of the LSTM's state. Default: 64.",
     )
     p.add_argument(
         "--backend",
-        type=_text,
+        type=_argtypes.nonempty,
         default="numpy",
         help="The array library to train with: numpy, cupy, torch or jax. Default: numpy.",
     )
     p.add_argument(
         "--device",
-        type=_text,
+        type=_argtypes.nonempty,
         default=None,
         help="Where to compute, as for run. Default: the library's default device.",
     )
@@ -279,7 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed",
-        type=_seed,
+        type=_argtypes.seed,
         default=0,
         help="Seed of the initialization, a non-negative integer. Default: 0.",
     )
@@ -441,15 +418,7 @@ def _save(model: Recurrent, path: str, option: str) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    source = args.source
-    if not os.path.lexists(source):
-        raise CLIError(f"SOURCE: no such file {source!r}")
-    if os.path.isdir(source):
-        raise CLIError(f"SOURCE: {source!r} is a folder, expected a torch state_dict file (.pt)")
-    if not os.path.isfile(source):
-        raise CLIError(f"SOURCE: {source!r} is not a regular file")
-    if os.path.getsize(source) == 0:
-        raise CLIError(f"SOURCE: {source!r} is empty (0 bytes)")
+    source = args.source  # load_torch checks it (missing, a folder, empty, ...) as SOURCE
     target = _weights_output(args.target, "TARGET")
     check_not_an_input({"TARGET": [target, _weights_temporary(target)]}, {"SOURCE": source})
     if importlib.util.find_spec("torch") is None:
