@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 import types
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pytest
 
 import rnn_xp
 from rnn_xp import _backends, batch, cli
+from tests.test_cli import rnn_xp_cmd
 
 # -- the files every case starts from -------------------------------------------------
 
@@ -915,23 +915,12 @@ def test_top_level_help_is_plain_text(capsys):
 # -- end to end, through a subprocess ----------------------------------------------------
 
 
-def rnn_xp_cmd(*args, cwd):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RNN_XP_")}
-    return subprocess.run(
-        [sys.executable, "-m", "rnn_xp", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-
-
 @pytest.mark.parametrize("out", ["x_link.npy", "x_hard.npy", "x.npy"])
 def test_end_to_end_an_output_that_is_the_input_is_refused(work, out):
     before = snapshot(work)
-    result = rnn_xp_cmd("run", "--weights", "w.npz", "--input", "x.npy", "--out", out, cwd=work)
+    result = rnn_xp_cmd(
+        "run", "--weights", "w.npz", "--input", "x.npy", "--out", out, cwd=work, check=False
+    )
     assert result.returncode == 2
     assert result.stderr == (
         f"rnn-xp: error: --out: {out!r} is the same file as --input 'x.npy'; {SAME}\n"
@@ -941,7 +930,7 @@ def test_end_to_end_an_output_that_is_the_input_is_refused(work, out):
 
 
 def test_end_to_end_the_program_is_rnn_xp_however_called(work):
-    result = rnn_xp_cmd("check", "--repeat", "0", cwd=work)
+    result = rnn_xp_cmd("check", "--repeat", "0", cwd=work, check=False)
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1].startswith("rnn-xp check: error: argument --repeat")
     assert "Traceback" not in result.stderr
