@@ -234,7 +234,23 @@ def _elman(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
         if keep:
             saved[t], h_prev[t] = out, h
         h = out
-    return lib.transpose(hs, (1, 0, 2)), (lib.copy(h),), saved, h_prev
+    return _outputs(lib, hs, keep), (lib.copy(h),), saved, h_prev
+
+
+def _outputs(lib: Any, hs, keep: bool):
+    """The outputs, batch-major, from the time-major buffer ``hs`` (T, N, H).
+
+    With a tape kept, the tape holds views of ``hs`` (each step's previous
+    state, the Elman steps' outputs), so the caller gets a copy of its own:
+    changing it in place must not change the gradients (the generic loop's
+    stacked outputs are fresh arrays too). In inference it is a view.
+    """
+    out = lib.transpose(hs, (1, 0, 2))
+    if not keep:
+        return out
+    if isinstance(lib, _TorchOps):
+        return out.clone(memory_format=lib._torch.contiguous_format)
+    return lib.array(out, copy=True, order="C")
 
 
 def _gate_major_pays(lib: Any) -> bool:
@@ -306,7 +322,7 @@ def _lstm(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
         if keep:
             saved[t], h_prev[t] = (i, f, g, o, tc, c), h
         h, c = out, c_new
-    return lib.transpose(hs, (1, 0, 2)), (lib.copy(h), lib.copy(c)), saved, h_prev
+    return _outputs(lib, hs, keep), (lib.copy(h), lib.copy(c)), saved, h_prev
 
 
 def _gru(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
@@ -350,7 +366,7 @@ def _gru(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
             lib.copyto(ahn, ah[:, 2 * H :])
             saved[t], h_prev[t] = (r, z, n, ahn, h), h
         h = out
-    return lib.transpose(hs, (1, 0, 2)), (lib.copy(h),), saved, h_prev
+    return _outputs(lib, hs, keep), (lib.copy(h),), saved, h_prev
 
 
 # -- the backward loops: NumPy, CuPy and torch, no mask ----------------------------
@@ -369,7 +385,12 @@ def backward_fused(xp: ModuleType, cell: Any, tape: Any, douts, dstate_n):
     """
     if tape.mask is not None or tape.stacked:
         raise NotImplementedError
-    lib = _library(xp, douts, tape.xs, tape.Wx, tape.Wh, *dstate_n)
+    # Whether autograd recorded the forward: anything it started from (biases,
+    # initial states) shows in the first step's saved arrays.
+    t = -1 if tape.reverse else 0
+    first = tape.saved[t]
+    started = (*(first if isinstance(first, tuple) else (first,)), tape.h_prev[t])
+    lib = _library(xp, douts, tape.xs, tape.Wx, tape.Wh, tape.bx, tape.bh, *dstate_n, *started)
     if not isinstance(lib, _TorchOps) and cell.kind == "elman":
         # Measured on the CPU (BENCHMARKS.md), forward+backward against the
         # generic loop: torch 0.82-0.99x; NumPy LSTM 0.85-0.94x and GRU

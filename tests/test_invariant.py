@@ -85,10 +85,15 @@ class Maker:
         self.backend, self.draw = backend, draw
         self.xp = backend.xp
         self.torch = "torch" in backend.name
-        self.requires_grad = self.torch and draw(st.booleans())
+        self.grad_on: set[str] = set()
         self.rng = np.random.default_rng(draw(st.integers(0, 2**16)))
         self.dtypes = floating_dtypes(self.xp)
         self.base = draw(st.sampled_from(self.dtypes), label="dtype")
+
+    def choose_grads(self, names: list[str]) -> None:
+        """On torch, the arguments autograd records: any subset (only a bias, a state...)."""
+        if self.torch:
+            self.grad_on = self.draw(st.sets(st.sampled_from(names)), label="requires_grad")
 
     def dtype(self) -> str:
         """Mostly the drawn dtype; a quarter of the arguments any other one (mixed dtypes)."""
@@ -96,13 +101,13 @@ class Maker:
             return self.base
         return self.draw(st.sampled_from(self.dtypes))
 
-    def __call__(self, shape, scale=1.0, dtype=None, layout=None):
+    def __call__(self, name, shape, scale=1.0, dtype=None, layout=None):
         values = scale * self.rng.standard_normal(shape)
         dtype = dtype or self.dtype()
         layout = layout or (self.draw(st.sampled_from(LAYOUTS)) if len(shape) else "contiguous")
-        return self.place(values, dtype, layout)
+        return self.place(name, values, dtype, layout)
 
-    def place(self, values: np.ndarray, dtype: str, layout: str):
+    def place(self, name: str, values: np.ndarray, dtype: str, layout: str):
         xp = self.xp
         # NumPy casts (which keeps numpy:readonly arrays read-only) where it has
         # the dtype; bfloat16 is cast by the library itself.
@@ -112,7 +117,7 @@ class Maker:
             base = self.backend.asarray(a.astype(dtype) if on_numpy else a)
             if not on_numpy:
                 base = xp.astype(base, getattr(xp, dtype))
-            if self.requires_grad:
+            if name in self.grad_on:
                 base.requires_grad_(True)  # on the leaf: the views below inherit it
             return base
 
@@ -186,19 +191,20 @@ def test_sequence_functions_fast_and_generic_agree(backend, data):
     G = GATES[kind] * H
     make = Maker(backend, draw)
     inference = draw(st.booleans(), label="inference")
+    make.choose_grads(["xs", "Wx", "Wh", "b", "bx", "bh", "h0", "c0", "dhs", "dh_n", "dc_n"])
     a = {
-        "xs": make((N, T, D)),
-        "Wx": make((D, G), D**-0.5),
-        "Wh": make((H, G), H**-0.5),
+        "xs": make("xs", (N, T, D)),
+        "Wx": make("Wx", (D, G), D**-0.5),
+        "Wh": make("Wh", (H, G), H**-0.5),
     }
     bias_names = ["bx", "bh"] if kind == "gru" else ["b"]
     for name in bias_names:
         shape = draw(st.sampled_from(bias_shapes(N, G)), label=f"{name} shape")
-        a[name] = None if shape is None else make(shape, 0.5)
+        a[name] = None if shape is None else make(name, shape, 0.5)
     states = ["h0", "c0"] if kind == "lstm" else ["h0"]
     for name in [*states, *("d" + s.removesuffix("0") + "_n" for s in states)]:
-        a[name] = make((N, H), 0.5) if draw(st.booleans(), label=f"{name} given") else None
-    a["dhs"] = make((N, T, H))
+        a[name] = make(name, (N, H), 0.5) if draw(st.booleans(), label=f"{name} given") else None
+    a["dhs"] = make("dhs", (N, T, H))
 
     fast = sequence_call(kind, a, inference)
     with generic_path():
@@ -243,11 +249,13 @@ def test_sequence_model_fast_and_generic_agree(backend, data):
         bidirectional,
         dropout,
         seed=draw(st.integers(0, 100), label="seed"),
-        like=make((1,), dtype="float32", layout="contiguous"),
+        like=make("like", (1,), dtype="float32", layout="contiguous"),
         dtype=make.dtype(),
     )
-    if make.requires_grad:
-        model.load_state_dict({k: v.requires_grad_(True) for k, v in model.state_dict().items()})
+    make.choose_grads([*model.state_dict(), "xs", "h0", "c0", "dout", "dh_n"])
+    if make.torch:
+        params = model.state_dict()
+        model.load_state_dict({k: v.requires_grad_(k in make.grad_on) for k, v in params.items()})
     S, F = layers * model.num_directions, model.num_directions * H
     step_kind = draw(st.sampled_from(["none", "lengths", "mask"]), label="steps")
     valid = np.ones((N, T), dtype=bool)
@@ -262,6 +270,7 @@ def test_sequence_model_fast_and_generic_agree(backend, data):
     x_values[~valid] = np.nan  # padding holds NaN: it must reach no output or gradient
     time_first = (1, 0, 2)
     xs = make.place(
+        "xs",
         x_values if batch_first else np.transpose(x_values, time_first),
         make.dtype(),
         draw(st.sampled_from(LAYOUTS), label="xs layout"),
@@ -275,19 +284,20 @@ def test_sequence_model_fast_and_generic_agree(backend, data):
     state_shape = (S, N, H)
     h0 = None
     if draw(st.booleans(), label="h0 given"):
-        h0 = make(state_shape, 0.5)
+        h0 = make("h0", state_shape, 0.5)
         if mode == "lstm":
-            h0 = (h0, make(state_shape, 0.5))
+            h0 = (h0, make("c0", state_shape, 0.5))
     d_values = make.rng.standard_normal((N, T, F))
     d_values[~valid] = np.nan  # the gradient of an output that is constant zero
     dout = make.place(
+        "dout",
         d_values if batch_first else np.transpose(d_values, time_first),
         make.dtype(),
         "contiguous",
     )
     dh_n = None
     if draw(st.booleans(), label="dh_n given"):
-        dh_n = make(state_shape)
+        dh_n = make("dh_n", state_shape)
         if mode == "lstm":
             dh_n = (dh_n, None)
     seed = 7 if dropout else None

@@ -134,3 +134,43 @@ def test_load_state_dict_moves_numpy_arrays_and_refuses_other_libraries():
     ):
         model.load_state_dict(other)
     assert all(model.state_dict()[k] is v for k, v in kept.items())  # nothing replaced
+
+
+def test_autograd_recording_only_a_bias_or_a_state_takes_the_generic_path():
+    # The fused backward writes in place, which autograd refuses: it must
+    # notice any recorded input of the forward, not only xs and the weights.
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    x = torch.tensor(rng.standard_normal((T, N, D)))
+    for mode in rnn_xp.MODES:
+        model = rnn_xp.Recurrent(mode, D, H, seed=0, like=x, dtype="float64")
+        h0 = torch.tensor(rng.standard_normal((1, N, H)), requires_grad=True)
+        state = (h0, torch.zeros(1, N, H, dtype=torch.float64)) if mode == "lstm" else h0
+        out, _ = model.forward(x, state)
+        dxs = model.backward(torch.ones_like(out))
+        plain = rnn_xp.Recurrent(mode, D, H, seed=0, like=x, dtype="float64")
+        out0, _ = plain.forward(
+            x, tuple(s.detach() for s in state) if mode == "lstm" else h0.detach()
+        )
+        assert_close(out.detach().numpy(), out0.numpy(), "float64", mode)
+        dxs0 = plain.backward(torch.ones_like(out0))
+        assert_close(dxs.detach().numpy(), dxs0.numpy(), "float64", mode)
+
+
+@pytest.mark.parametrize("mode", list(rnn_xp.MODES))
+def test_changing_the_output_in_place_leaves_the_gradients_alone(mode):
+    # The fused loops keep views of their output buffer for backward; the
+    # caller's output is a copy of its own (as the generic loop's is).
+    rng = np.random.default_rng(5)
+    xs = rng.standard_normal((N, T, D))
+    model = rnn_xp.Recurrent(mode, D, H, seed=0, dtype="float64", batch_first=True)
+
+    def grads(scale):
+        out, _ = model.forward(xs)
+        out *= scale
+        model.backward(np.ones_like(out))
+        return dict(model.grads)
+
+    want, got = grads(1.0), grads(2.0)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
