@@ -16,6 +16,7 @@ changes nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -64,6 +65,14 @@ class Job:
 
     def chunks(self) -> list[tuple[int, int]]:
         return [(s, min(s + self.batch_size, self.N)) for s in range(0, self.N, self.batch_size)]
+
+    def outputs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """``(option, path, shape)`` of each output file."""
+        files = [("--out", self.out, (self.N, self.T, self.F))]
+        if self.state_out:
+            shape = (2, self.S, self.N, self.H) if self.lstm else (self.S, self.N, self.H)
+            files.append(("--state-out", self.state_out, shape))
+        return files
 
 
 # -- checks shared with the rest of the command line ---------------------------------
@@ -139,8 +148,8 @@ def check_output_path(
     """
     text = os.fspath(path)
     suffixes = tuple(suffixes)
-    if not text:
-        raise BatchError(f"{option}: expected a file name, got ''")
+    if not text or text.endswith(("/", os.sep)):
+        raise BatchError(f"{option}: expected a file name, got {text!r}")
     if os.path.isdir(text):
         raise BatchError(f"{option}: {text!r} is a folder, expected a file name")
     if os.path.lexists(text) and not os.path.isfile(text):
@@ -158,13 +167,30 @@ def check_output_path(
         raise BatchError(f"{option}: the folder {folder!r} of {text!r} {what}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise BatchError(f"{option}: cannot write in the folder {folder!r} (permission denied)")
+    longest = max(len(os.fsencode(os.path.basename(n))) for n in (text, *temporaries))
+    limit = _name_max(folder)
+    if longest > limit:
+        raise BatchError(
+            f"{option}: the file name {os.path.basename(text)!r} is too long: with its "
+            f"temporary suffix it takes {longest} bytes; this file system allows {limit}"
+        )
     for tmp in temporaries:
-        if os.path.isdir(tmp) or (os.path.lexists(tmp) and not os.path.isfile(tmp)):
+        # A symbolic link, even to a regular file, would have the output written
+        # through it, over whatever it points to.
+        if os.path.islink(tmp) or (os.path.lexists(tmp) and not os.path.isfile(tmp)):
             raise BatchError(
                 f"{option}: its temporary file {tmp!r} exists and is not a regular file; "
                 f"remove it or choose another {option}"
             )
     return text
+
+
+def _name_max(folder: str) -> int:
+    """The longest file name, in bytes, ``folder``'s file system takes."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, ValueError, OSError):
+        return 255
 
 
 def check_not_an_input(outputs: dict[str, list[str]], inputs: dict[str, str | None]) -> None:
@@ -383,29 +409,94 @@ def _check_chunk_memory(B: int, T: int, D: int, G: int, F: int, itemsize: int) -
         )
 
 
-def _partial(path: str) -> Path:
-    return Path(partial_name(path))
+class _Partial:
+    """One output under its temporary name: created, locked, renamed when done.
+
+    The file is opened without following a symbolic link (a link planted under
+    the temporary name would have the output written through it, over another
+    file) and locked for the whole run, so a second run writing the same
+    output is refused rather than both corrupting it. A temporary file left by
+    a run that died holds no lock and is reused. Only a file this run holds
+    is ever renamed or removed.
+    """
+
+    def __init__(self, option: str, path: str, dtype: str, shape: tuple[int, ...]) -> None:
+        self.option, self.path, self.tmp = option, path, partial_name(path)
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(self.tmp, flags, 0o666)
+        except OSError as exc:
+            if os.path.islink(self.tmp):
+                raise BatchError(
+                    f"{option}: its temporary file {self.tmp!r} is a symbolic link; remove it"
+                ) from None
+            raise BatchError(f"{option}: cannot create {self.tmp!r} ({exc.strerror})") from None
+        try:
+            self._lock()
+            header = {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                "fortran_order": False,
+                "shape": shape,
+            }
+            with os.fdopen(os.dup(self.fd), "r+b") as f:
+                f.truncate(0)
+                np.lib.format.write_array_header_1_0(f, header)
+                f.truncate(f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        except OSError as exc:
+            self.discard()
+            raise BatchError(f"{option}: cannot create {self.tmp!r} ({exc.strerror})") from None
+        except BaseException:
+            self.discard()
+            raise
+
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks, nothing to refuse
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise BatchError(
+                f"{self.option}: another run is writing {self.tmp!r} now; wait for it, or "
+                f"choose another {self.option}"
+            ) from None
+
+    def finish(self) -> None:
+        os.replace(self.tmp, self.path)
+        self.close()
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
 
 
-def _create_outputs(job: Job) -> None:
-    """The output files, full size, under their temporary names."""
-    np.lib.format.open_memmap(_partial(job.out), "w+", job.dtype, (job.N, job.T, job.F)).flush()
-    if job.state_out:
-        shape = (2, job.S, job.N, job.H) if job.lstm else (job.S, job.N, job.H)
-        np.lib.format.open_memmap(_partial(job.state_out), "w+", job.dtype, shape).flush()
+@contextlib.contextmanager
+def _outputs(job: Job):
+    """The job's outputs, full size under their temporary names, renamed when the body ends.
 
-
-def _finish(job: Job) -> None:
-    os.replace(_partial(job.out), job.out)
-    if job.state_out:
-        os.replace(_partial(job.state_out), job.state_out)
-
-
-def _discard(job: Job) -> None:
-    """Remove the temporary outputs of a job that failed."""
-    for path in (job.out, job.state_out):
-        if path:
-            _partial(path).unlink(missing_ok=True)
+    If the body fails, the temporary files are removed and nothing is renamed.
+    """
+    made: list[_Partial] = []
+    try:
+        for option, path, shape in job.outputs():
+            made.append(_Partial(option, path, job.dtype, shape))
+        yield
+        for partial in made:
+            partial.finish()
+    except BaseException:
+        for partial in made:
+            partial.discard()
+        raise
 
 
 def _version(path: str) -> tuple[int, int, int]:
@@ -448,11 +539,11 @@ def _read(job: Job, loaded, start: int, stop: int):
 
 
 def _write(job: Job, start: int, stop: int, out: np.ndarray, states: list[np.ndarray]) -> None:
-    ys = np.load(_partial(job.out), mmap_mode="r+")
+    ys = np.load(partial_name(job.out), mmap_mode="r+")
     ys[start:stop] = out
     ys.flush()
     if job.state_out:
-        s = np.load(_partial(job.state_out), mmap_mode="r+")
+        s = np.load(partial_name(job.state_out), mmap_mode="r+")
         if job.lstm:
             s[0, :, start:stop], s[1, :, start:stop] = states
         else:
@@ -474,14 +565,9 @@ def run_file(job: Job, progress: Callable[[int], Any] | None = None) -> None:
     fails, its temporary outputs are removed and nothing else is written.
     """
     chunks = job.chunks()
-    _create_outputs(job)
-    try:
+    with _outputs(job):
         if chunks:
             _run_chunks(job, chunks, progress)
-        _finish(job)
-    except BaseException:
-        _discard(job)
-        raise
 
 
 def _run_chunks(job: Job, chunks: list[tuple[int, int]], progress) -> None:
@@ -510,20 +596,18 @@ def run_file_distributed(
     """
     from distributed import as_completed
 
-    _create_outputs(job)
     futures = []
-    try:
-        futures = [
-            client.submit(_chunk_task, job, start, stop, pure=False, retries=2)
-            for start, stop in job.chunks()
-        ]
-        for future in as_completed(futures) if futures else ():
-            n = future.result()  # raises if a chunk failed for good: no rename then
-            if progress is not None:
-                progress(n)
-        _finish(job)
-    except BaseException:
-        if futures:
-            client.cancel(futures)
-        _discard(job)
-        raise
+    with _outputs(job):
+        try:
+            futures = [
+                client.submit(_chunk_task, job, start, stop, pure=False, retries=2)
+                for start, stop in job.chunks()
+            ]
+            for future in as_completed(futures) if futures else ():
+                n = future.result()  # raises if a chunk failed for good: no rename then
+                if progress is not None:
+                    progress(n)
+        except BaseException:
+            if futures:
+                client.cancel(futures)
+            raise

@@ -11,6 +11,7 @@ output may be one of the inputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import math
 import os
@@ -29,7 +30,7 @@ from .batch import (
     human_bytes,
     physical_memory,
 )
-from .io import WeightsError
+from .io import WeightsError, partial_path
 from .model import MODES, Recurrent
 
 PROG = "rnn-xp"
@@ -331,15 +332,9 @@ def _error(exc: BaseException) -> int:
 # -- outputs of init, convert and train ----------------------------------------------
 
 
-def _weights_temporary(path: str) -> str:
-    """The name `rnn_xp.io.save` writes ``path`` under before renaming it."""
-    p = Path(path)
-    return str(p.with_name(p.name + ".partial" + p.suffix))
-
-
 def _weights_output(path: str, option: str) -> str:
     """Check a weights file to be written (suffix, folder, temporary name, safetensors)."""
-    path = check_output_path(path, option, WEIGHTS_SUFFIXES, [_weights_temporary(path)])
+    path = check_output_path(path, option, WEIGHTS_SUFFIXES, [partial_path(path)])
     if path.endswith(".safetensors") and importlib.util.find_spec("safetensors") is None:
         raise CLIError(
             f"{option}: writing .safetensors needs the safetensors package; "
@@ -420,7 +415,7 @@ def _save(model: Recurrent, path: str, option: str) -> int:
 def convert(args: argparse.Namespace) -> int:
     source = args.source  # load_torch checks it (missing, a folder, empty, ...) as SOURCE
     target = _weights_output(args.target, "TARGET")
-    check_not_an_input({"TARGET": [target, _weights_temporary(target)]}, {"SOURCE": source})
+    check_not_an_input({"TARGET": [target, partial_path(target)]}, {"SOURCE": source})
     if importlib.util.find_spec("torch") is None:
         raise CLIError(
             "SOURCE: reading a torch .pt file needs PyTorch; pip install 'rnn-xp[torch]'"
@@ -549,7 +544,7 @@ def train(args: argparse.Namespace) -> int:
     needed = itemsize * (6 * total + batch * seq_len * (4 * V + 16 * H))
     _check_memory(needed, "--hidden-size", f"training with --hidden-size {H}")
     checkpoint = _weights_output(args.checkpoint, "--checkpoint")
-    outputs = {"--checkpoint": [checkpoint, _weights_temporary(checkpoint)]}
+    outputs = {"--checkpoint": [checkpoint, partial_path(checkpoint)]}
     if args.plot is not None:
         outputs["--plot"] = [_plot_output(args.plot), args.plot + ".partial"]
     check_not_an_input(outputs, {})
@@ -647,6 +642,17 @@ def _draw(result, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     tmp = path + ".partial"
-    fig.savefig(tmp, dpi=100, format=Path(path).suffix[1:])
-    plt.close(fig)
-    os.replace(tmp, path)
+    # A stale temporary file goes first (one that is a link was refused up
+    # front); the new one is created exclusively, never through a link.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        with open(tmp, "xb") as f:
+            fig.savefig(f, dpi=100, format=Path(path).suffix[1:])
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)

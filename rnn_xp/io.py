@@ -401,6 +401,12 @@ def _safetensors(src: _Source, doing: str) -> Any:
     return safetensors
 
 
+def partial_path(path: str | os.PathLike) -> str:
+    """The name `save` writes ``path`` under before renaming it: ``w.npz.partial.npz``."""
+    p = Path(path)
+    return str(p.with_name(p.name + ".partial" + p.suffix))
+
+
 def save(model: Recurrent, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
     """Write ``model`` (and ``extra`` arrays) to ``path`` (.npz or .safetensors).
 
@@ -449,7 +455,7 @@ def save(model: Recurrent, path: str | os.PathLike, extra: dict[str, Any] | None
             )
         arrays[EXTRA + k] = a
     config = json.dumps(_config(model))
-    tmp = target.with_name(target.name + ".partial" + suffix)
+    tmp = Path(partial_path(text))
     failures = (OSError,) if st is None else (OSError, st.SafetensorError)
     done = False
     try:

@@ -801,6 +801,70 @@ def test_a_failed_run_leaves_no_partial_file(work, capsys, monkeypatch):
     assert not os.path.exists("y.npy")
 
 
+def test_a_temporary_name_that_is_a_link_is_refused_and_its_target_kept(work, capsys):
+    # A link planted under an output's temporary name would have the output
+    # written through it, over the file it points to.
+    (work / "precious.txt").write_text("precious\n")
+    os.symlink("precious.txt", work / "y.npy.partial")
+    os.symlink("precious.txt", work / "p.png.partial")
+    before = snapshot(work)
+    for argv, option in [
+        (run_args("--no-progress"), "--out"),
+        (["train", "--steps", "1", "--hidden-size", "4", "--plot", "p.png"], "--plot"),
+    ]:
+        rc, _, err = call(argv, capsys)
+        assert rc == 2, err
+        assert err.startswith(f"rnn-xp: error: {option}: its temporary file "), err
+        assert "is not a regular file" in err
+        assert snapshot(work) == before
+
+
+def test_a_second_run_writing_the_same_output_is_refused(work, capsys):
+    job = batch.prepare("w.npz", "x.npy", "y.npy")
+    with batch._outputs(job):  # the first run holds the temporary file
+        with pytest.raises(
+            batch.BatchError, match=r"--out: another run is writing 'y\.npy\.partial' now"
+        ):
+            batch.run_file(batch.prepare("w.npz", "x.npy", "y.npy"))
+        assert os.path.exists("y.npy.partial")  # the second run removed nothing
+    assert os.path.exists("y.npy")
+    rc, _, err = call(run_args("--no-progress"), capsys)  # a stale one is reused
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--out", "new.npy/", "--out: expected a file name, got 'new.npy/'"),
+        ("--state-out", "s.npy/", "--state-out: expected a file name, got 's.npy/'"),
+        ("--out", "b" * 250 + ".npy", "--out: the file name 'bbbb"),
+        ("--state-out", "b" * 250 + ".npy", "--state-out: the file name 'bbbb"),
+    ],
+)
+def test_output_names_the_file_system_refuses_are_checked_first(
+    work, capsys, option, value, message
+):
+    before = snapshot(work)
+    argv = run_args("--no-progress", "--state-out", "s.npy") if option == "--out" else run_args()
+    rc, _, err = call([*argv, option, value], capsys)
+    assert rc == 2, err
+    assert err.startswith(f"rnn-xp: error: {message}"), err
+    assert len(err.strip().splitlines()) == 1
+    assert snapshot(work) == before
+
+
+def test_a_checkpoint_name_too_long_is_refused_before_training(work, capsys):
+    before = snapshot(work)
+    name = "c" * 250 + ".npz"
+    rc, out, err = call(
+        ["train", "--steps", "1", "--hidden-size", "4", "--checkpoint", name], capsys
+    )
+    assert rc == 2, err
+    assert err.startswith("rnn-xp: error: --checkpoint: the file name 'cccc"), err
+    assert not out.strip()
+    assert snapshot(work) == before
+
+
 # -- train: resume, report, restart ----------------------------------------------------
 
 
