@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ._backends import BackendUnavailable, for_run
-from .io import WeightsError, load
+from .io import _NPY_HEAD, WeightsError, load, npy_header
 from .model import Recurrent, _dtype_name
 
 __all__ = ["BatchError", "prepare", "run_file", "run_file_distributed"]
@@ -248,30 +248,31 @@ def read_npy(path: str | os.PathLike, option: str) -> np.ndarray:
         raise BatchError(f"{option}: {text!r} is not a regular file, expected a .npy file")
     try:
         with open(text, "rb") as f:
-            magic = f.read(6)
+            head = f.read(_NPY_HEAD)
+            size = os.fstat(f.fileno()).st_size
     except OSError as exc:
         raise BatchError(f"{option}: cannot read {text!r} ({exc.strerror})") from None
-    if not magic:
+    if not head:
         raise BatchError(f"{option}: {text!r} is empty (0 bytes), expected a .npy file")
-    if magic.startswith(b"PK"):
+    if head.startswith(b"PK"):
         raise BatchError(
             f"{option}: {text!r} is a .npz archive of several arrays, expected a .npy file "
             "(one array, as numpy.save writes it)"
         )
-    if magic != b"\x93NUMPY":
+    if not head.startswith(b"\x93NUMPY"):
         raise BatchError(
             f"{option}: {text!r} is not a .npy file (it does not start with the .npy signature)"
         )
+    # Every size the header states is checked against the file before NumPy
+    # maps it (a crafted shape would overflow the mapping's length).
     try:
-        a = np.load(text, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "Python objects" in reason:
-            reason = "it holds Python objects, not numbers"
-        elif "mmap length" in reason:
-            reason = "it is shorter than its header says: truncated"
-        raise BatchError(f"{option}: {text!r} is not a readable .npy file ({reason})") from None
-    return a
+        npy_header(head, size)
+    except ValueError as exc:
+        raise BatchError(f"{option}: {text!r} {exc}") from None
+    try:
+        return np.load(text, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise BatchError(f"{option}: cannot read {text!r} ({exc})") from None
 
 
 def _float_dtype(dtype: np.dtype) -> bool:

@@ -554,6 +554,56 @@ def _zip(src: _Source, f: BinaryIO, size: int, what: str) -> zipfile.ZipFile:
     return archive
 
 
+def npy_header(head: bytes, size: int) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """``(dtype, shape, fortran, offset)`` of a .npy array: ``size`` bytes, ``head`` first.
+
+    ``head`` holds at least the header (16 KiB suffice for any we accept). The
+    header must be version 1.0 or 2.0, of a dtype without Python objects, with a
+    shape whose data fills exactly the rest of the ``size`` bytes: so no size it
+    states is believed before it is checked, and nothing is ever unpickled.
+    Otherwise ValueError, whose message is a phrase to follow the array's name.
+    The dtype's kind (plain numbers, a string) is the caller's to check.
+    """
+    buf = io.BytesIO(head)
+    try:
+        # Parsing the header evaluates a Python literal: warnings (a Python 2
+        # header, an odd escape, a deprecated dtype alias) mean a file not from
+        # numpy.save, and are refused like the errors.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            version = np.lib.format.read_magic(buf)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy format version {version}")
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read(buf, max_header_size=_NPY_HEAD)
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        SyntaxError,
+        RecursionError,
+        MemoryError,  # only the literal parser's stack: the header is at most 16 KiB
+        Warning,
+    ) as exc:
+        raise ValueError(f"is not a valid .npy array ({_reason(exc)})") from None
+    if dtype.hasobject:
+        raise ValueError("holds Python objects (pickled data), which rnn_xp never reads")
+    if not all(_is_int(n) and n >= 0 for n in shape):
+        raise ValueError(f"has an invalid shape {_short(shape)}")
+    offset = buf.tell()
+    if size != offset + _nbytes(shape, dtype):
+        raise ValueError(
+            f"holds {size - offset} data bytes; its header ({dtype}, shape {_short(shape)}) "
+            f"needs {_nbytes(shape, dtype)}"
+        )
+    return dtype, shape, fortran, offset
+
+
 class _Member(NamedTuple):
     """A .npy member of a .npz: its zip entry, header and where its data starts."""
 
@@ -600,54 +650,13 @@ class _Npz:
                 head = m.read(_NPY_HEAD)
         except _ZIP_ERRORS as exc:
             raise src.error(f"{src}: member {label} cannot be read ({_reason(exc)})") from None
-        buf = io.BytesIO(head)
         try:
-            # Parsing the header evaluates a Python literal: warnings (a Python 2
-            # header, an odd escape, a deprecated dtype alias) mean a file not from
-            # numpy.save, and are refused like the errors.
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                version = np.lib.format.read_magic(buf)
-                if version not in ((1, 0), (2, 0)):
-                    raise ValueError(f"unsupported .npy format version {version}")
-                read = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
-                )
-                shape, fortran, dtype = read(buf, max_header_size=_NPY_HEAD)
-        except (
-            ValueError,
-            TypeError,
-            KeyError,
-            IndexError,
-            SyntaxError,
-            RecursionError,
-            MemoryError,  # only the literal parser's stack: the header is at most 16 KiB
-            Warning,
-        ) as exc:
-            raise src.error(
-                f"{src}: member {label} is not a valid .npy array ({_reason(exc)})"
-            ) from None
-        if dtype.hasobject:
-            raise src.error(
-                f"{src}: {label} holds Python objects (pickled data), which rnn_xp never reads"
-            )
-        if (
-            dtype.names is not None
-            or dtype.subdtype is not None
-            or dtype.kind not in ("U" if name == "__config__" else "biuf")
-        ):
+            dtype, shape, fortran, offset = npy_header(head, info.file_size)
+        except ValueError as exc:
+            raise src.error(f"{src}: {label} {exc}") from None
+        if dtype.kind not in ("U" if name == "__config__" else "biuf"):
             expected = "a string" if name == "__config__" else "bool, integer or float numbers"
             raise src.error(f"{src}: {label} has dtype {dtype}; expected {expected}")
-        if not all(_is_int(n) and n >= 0 for n in shape):
-            raise src.error(f"{src}: {label} has an invalid shape {_short(shape)}")
-        offset = buf.tell()
-        if info.file_size != offset + _nbytes(shape, dtype):
-            raise src.error(
-                f"{src}: {label} holds {info.file_size - offset} data bytes; its header "
-                f"({dtype}, shape {_short(shape)}) needs {_nbytes(shape, dtype)}"
-            )
         return _Member(info, _Tensor(dtype, shape), fortran, offset)
 
     def config(self) -> str:

@@ -53,6 +53,11 @@ def _write_inputs(d) -> None:
     with open(d / "x.npy", "rb") as f:
         (d / "x_trunc.npy").write_bytes(f.read(300))
     (d / "x_text.npy").write_text("not an array\n")
+    for name, shape in [("x_huge.npy", (2**40, 10**6, 4)), ("l_huge.npy", (2**62,))]:
+        with open(d / name, "wb") as f:  # a header claiming far more than the file holds
+            header = {"descr": "<f4" if name[0] == "x" else "<i8", "fortran_order": False}
+            np.lib.format.write_array_header_1_0(f, header | {"shape": shape})
+            f.write(b"\0" * 64)
     (d / "x_empty.npy").write_bytes(b"")
     np.savez(d / "x_arch.npz", x=X)
     np.save(d / "x.npy.partial", X)  # an input named like the temporary file of --out x.npy
@@ -212,10 +217,16 @@ CASES = {
         run_args(input="x_text.npy"), "--input: 'x_text.npy' is not a .npy file"
     ),
     "run-input-truncated": Case(
-        run_args(input="x_trunc.npy"), "--input: 'x_trunc.npy' is not a readable .npy file"
+        run_args(input="x_trunc.npy"), "--input: 'x_trunc.npy' holds 172 data bytes; its header"
+    ),
+    "run-input-huge-header": Case(
+        run_args(input="x_huge.npy"), "--input: 'x_huge.npy' holds 64 data bytes; its header"
+    ),
+    "run-lengths-huge-header": Case(
+        run_args("--lengths", "l_huge.npy"), "--lengths: 'l_huge.npy' holds 64 data bytes"
     ),
     "run-input-objects": Case(
-        run_args(input="x_obj.npy"), "--input: 'x_obj.npy' is not a readable", ("objects",)
+        run_args(input="x_obj.npy"), "--input: 'x_obj.npy' holds Python objects (pickled data)"
     ),
     "run-input-int": Case(
         run_args(input="x_int.npy"),

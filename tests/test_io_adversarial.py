@@ -382,7 +382,7 @@ def npy_header(descr: str, shape: str, fortran: str = "False") -> bytes:
         ("'<f4'", "(8, 3.0)", "not a valid .npy array"),
         ("'a'", "(8, 3)", "not a valid .npy array"),  # a deprecated alias: a warning
         ("'\\d'", "(8, 3)", "not a valid .npy array"),  # an invalid escape: a warning
-        ("('<f4', (2,))", "(8, 3)", "expected bool, integer or float"),
+        ("('<f4', (2,))", "(8, 3)", "its header (('<f4', (2,)), shape (8, 3)) needs 192"),
         ("'O'", "(8, 3)", "holds Python objects"),
         ("'<f4'", "(8, 3) + (1,)", "not a valid .npy array"),
         ("'<f4'", "(8,)", "holds 96 data bytes; its header (float32, shape (8,)) needs 32"),
