@@ -1,14 +1,30 @@
-"""Argument types the ``rnn-xp`` subcommands share.
+"""The argument parser and argument types the ``rnn-xp`` subcommands share.
 
-Each turns the text of an option into a value or raises
-`argparse.ArgumentTypeError`, which argparse reports as one line naming the
-option, with exit status 2.
+Each type turns the text of an option into a value or raises
+`argparse.ArgumentTypeError`; `Parser` reports that, and every other usage
+error, as one line naming the option, with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+from typing import NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, its usage errors one line on stderr: ``rnn-xp: error: --option: ...``.
+
+    argparse prints the whole usage before its error; the command line's rule
+    is one line (``--help`` still shows the usage). Subcommands' parsers are
+    of this class too.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        print(f"rnn-xp: error: {message.removeprefix('argument ')}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _integer(text: str, low: int | None, what: str) -> int:

@@ -16,6 +16,7 @@ No other module of rnn_xp asks which library an array comes from.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from array_api_compat import device, is_cupy_namespace
+from array_api_compat import device, is_cupy_namespace, is_jax_namespace
 
 __all__ = [
     "BACKENDS",
@@ -95,6 +96,25 @@ def refusal(a: Any) -> str | None:
     return None
 
 
+def check_dtype(xp: ModuleType, dtype: Any, device: Any) -> None:
+    """TypeError unless arrays of ``xp`` on ``device`` really take ``dtype``.
+
+    JAX without ``jax_enable_x64`` makes float64 arrays float32 with only a
+    warning: a float64 model would silently compute in float32.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = asarray(xp, np.zeros(1), dtype, device).dtype
+    if got != dtype:
+        hint = (
+            "; enable it first: jax.config.update('jax_enable_x64', True)"
+            if is_jax_namespace(xp)
+            else ""
+        )
+        name = getattr(dtype, "__name__", None) or str(dtype)
+        raise TypeError(f"dtype: {xp.__name__} makes {name} arrays {got} here{hint}")
+
+
 class BackendUnavailable(Exception):
     """A backend cannot run here; the message says why."""
 
@@ -138,11 +158,23 @@ class Backend:
         return self._load()
 
 
+# The extra of rnn-xp that installs each library.
+_EXTRAS = {
+    "array_api_strict": "'rnn-xp[test]'",
+    "torch": "'rnn-xp[torch]'",
+    "jax": "'rnn-xp[jax]'",
+    "dask.array": "'rnn-xp[dask]'",
+    "cupy": "'rnn-xp[cuda12]' (or 'rnn-xp[cuda13]' for CUDA 13)",
+}
+
+
 def _import(module: str, what: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise BackendUnavailable(f"{what} is not installed ({exc})") from None
+        raise BackendUnavailable(
+            f"{what} is not installed ({exc}); pip install {_EXTRAS[module]}"
+        ) from None
 
 
 def _numpy(readonly: bool) -> Callable[[], Loaded]:

@@ -27,7 +27,6 @@ with a note.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -335,7 +334,7 @@ def memory_lines(size: tuple, dtype: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _argtypes.Parser(
         prog="rnn-xp bench",
         description="Time rnn_xp's sequence functions on NumPy, torch and JAX against the "
         "bare GEMMs, the seed notebook's loop and torch.nn (or, with --gpu, on CuPy and torch "
@@ -415,6 +414,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = (GPU_SIZES if args.gpu else SIZES) + ((T_SWEEP + N_SWEEP) if args.sweeps else [])
         sizes = list(dict.fromkeys(sizes))  # the sweeps pass through a main size
 
+    missing: list[str] = []
+    if args.gpu:  # before anything is printed: which GPU contenders can run here
+        from rnn_xp._backends import BackendUnavailable, for_run
+
+        gpu_contenders = []
+        for name, device, these in [
+            ("cupy", None, [rnn_xp_cupy]),
+            ("torch", "cuda", [torch_nn, rnn_xp_torch]),
+        ]:
+            try:
+                for_run(name, device)
+                gpu_contenders += these
+            except BackendUnavailable as exc:
+                missing.append(f"{name}: {exc}")
+        if not gpu_contenders:
+            parser.error(f"argument --gpu: no GPU contender can run here ({'; '.join(missing)})")
+
     versions = [f"numpy {np.__version__}", f"rnn_xp {rnn_xp.__version__}"]
     for name in ("torch", "jax", "cupy"):
         with contextlib.suppress(ImportError):
@@ -432,7 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     if args.gpu:
-        contenders = [rnn_xp_cupy, torch_nn, rnn_xp_torch]
+        contenders = gpu_contenders
+        for reason in missing:
+            print(f"skipped {reason}")
         extra_for = {torch_nn: {"device": "cuda"}, rnn_xp_torch: {"device": "cuda"}}
     else:
         contenders, extra_for = CPU_CONTENDERS, {}

@@ -13,7 +13,6 @@ The exit status is 1 if any backend deviates beyond its dtype's tolerance.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -84,7 +83,7 @@ def check(argv: Sequence[str]) -> int:
     line on stderr, exit status 2) before anything runs; without
     ``--backend``, such backends are listed as skipped.
     """
-    parser = argparse.ArgumentParser(prog="rnn-xp check", description=DESCRIPTION)
+    parser = _argtypes.Parser(prog="rnn-xp check", description=DESCRIPTION)
     parser.add_argument(
         "--backend",
         action="append",

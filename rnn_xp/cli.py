@@ -51,7 +51,7 @@ class CLIError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    parser = _argtypes.Parser(prog=PROG, description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     sub.add_parser(

@@ -1082,7 +1082,7 @@ def load_torch(
             raise src.error(
                 f"{src} is not a readable torch.save file (damaged or truncated: {_reason(exc)})"
             ) from None
-        state = _torch_state(src, raw, torch)
+        state = _torch_state(src, raw, torch, size)
     return _build(src, _infer(src, state, mode, batch_first), state, like)
 
 
@@ -1111,7 +1111,7 @@ def _refused(src: _Source, exc: pickle.UnpicklingError) -> str:
     return f"{src} is not a readable torch.save file (damaged: {reason or _reason(exc)})"
 
 
-def _torch_state(src: _Source, raw: Any, torch: Any) -> dict[str, np.ndarray]:
+def _torch_state(src: _Source, raw: Any, torch: Any, size: int) -> dict[str, np.ndarray]:
     """The state_dict in what torch.load returned, as NumPy copies of its tensors.
 
     Values under keys that are not RNN parameters are passed on as they are, for
@@ -1142,9 +1142,22 @@ def _torch_state(src: _Source, raw: Any, torch: Any) -> dict[str, np.ndarray]:
             )
         if value.layout != torch.strided:
             raise src.error(f"{what} is a {value.layout} tensor; expected a dense one")
+        state[key] = value
+    # The tensors are views of the memory-mapped file, and their data is in it:
+    # more bytes than the file holds means views that repeat their storage
+    # (expanded or overlapping), which a copy would inflate.
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    if total > size:
+        raise src.error(
+            f"{src}: its tensors take {total} bytes, more than the file's {size}: views that "
+            "repeat their storage (expanded or overlapping); save a state_dict of plain tensors"
+        )
+    for key, value in tensors.items():
         try:
             # A copy: the tensor is a view of the memory-mapped file.
             state[key] = np.array(value.detach().resolve_conj().resolve_neg().numpy())
         except (RuntimeError, TypeError) as exc:
+            what = f"{src}: {_short(key, 40)}"
             raise src.error(f"{what} cannot be read as an array ({_reason(exc)})") from None
     return state

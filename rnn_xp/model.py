@@ -19,7 +19,7 @@ import numpy as np
 from array_api_compat import array_namespace, device, is_numpy_array
 
 from . import _checks, _fastpath, _scan
-from ._backends import arange, asarray, zeros
+from ._backends import arange, asarray, check_dtype, zeros
 from ._layer import cast, result_dtype
 from .elman import ElmanCell
 from .gru import GRUCell
@@ -176,6 +176,7 @@ class Recurrent:
         self._dtype = getattr(self._xp, dtype, None) if isinstance(dtype, str) else dtype
         if self._dtype is None or not self._xp.isdtype(self._dtype, "real floating"):
             raise TypeError(f"dtype: expected a real floating dtype, got {dtype!r}")
+        check_dtype(self._xp, self._dtype, self._device)
 
     # -- parameters ----------------------------------------------------------
 

@@ -1103,3 +1103,19 @@ def test_fuzz_torch_byte_edits(tmp_path, torch, edits):
     assert {k: v.shape for k, v in model.state_dict().items()} == {
         k: tuple(v.shape) for k, v in state.items()
     }
+
+
+def test_torch_views_that_repeat_their_storage_are_refused_before_copying(tmp_path, torch):
+    # 18 KB of file holding one float each, expanded to (2048, 16384): a copy
+    # would take 128 MB per tensor. The tensors' bytes must fit in the file.
+    big = torch.zeros(1).expand(4 * 512, 16384)
+    state = {"weight_ih_l0": big, "weight_hh_l0": torch.zeros(1).expand(4 * 512, 512)}
+    path = tmp_path / "m.pt"
+    torch.save(state, path)
+    tracemalloc.start()
+    try:
+        expect_error(io.load_torch, path, "views that repeat their storage")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak

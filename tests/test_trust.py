@@ -8,6 +8,9 @@ against independent references, on every backend.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -174,3 +177,24 @@ def test_changing_the_output_in_place_leaves_the_gradients_alone(mode):
     want, got = grads(1.0), grads(2.0)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_float64_model_where_jax_has_no_float64_is_refused():
+    # Without jax_enable_x64, JAX makes float64 arrays float32 with only a
+    # warning: the model would say float64 and compute in float32. A fresh
+    # process: the test matrix turns x64 on for its JAX rows.
+    pytest.importorskip("jax")
+    code = (
+        "import jax.numpy as jnp, rnn_xp\n"
+        "try:\n"
+        "    rnn_xp.Recurrent('gru', 2, 3, like=jnp.zeros(1), dtype='float64')\n"
+        "except TypeError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert result.stdout.strip() == (
+        "dtype: jax.numpy makes float64 arrays float32 here; enable it first: "
+        "jax.config.update('jax_enable_x64', True)"
+    )
