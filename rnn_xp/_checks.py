@@ -50,12 +50,12 @@ def _check_array(name: str, xp: ModuleType | None, a: Any) -> None:
     # array_namespace lets Python scalars through; an RNN input never is one.
     if type(a) in (bool, int, float, complex):
         raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+    _check_plain(name, a)
     if xp is None:
         if not is_array_api_obj(a):
             got = f"{type(a).__module__}.{type(a).__name__}"
             raise TypeError(f"{name}: expected an array, got {got}")
         xp = array_namespace(a)
-    _check_plain(name, a)
     if not _real_floating(xp, a.dtype):
         raise TypeError(
             f"{name}: expected a real floating dtype (such as float32 or float64), got {a.dtype}"
@@ -205,9 +205,9 @@ def check_companion(name: str, a: Any, xp: ModuleType, dev: Any, kind: str) -> N
 
     ``kind`` is an array-API dtype kind such as ``"bool"`` or ``"integral"``.
     """
+    _check_plain(name, a)
     if not is_array_api_obj(a) or type(a) in (bool, int, float, complex):
         raise TypeError(f"{name}: expected an array, got {type(a).__module__}.{type(a).__name__}")
-    _check_plain(name, a)
     if array_namespace(a) is not xp:
         raise TypeError(
             f"{name}: expected an array of the same library as xs ({xp.__name__}), "

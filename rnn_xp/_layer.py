@@ -246,6 +246,10 @@ def sequence_backward(
         raise ValueError(
             "cache: None comes from an inference-mode forward; run it with inference=False"
         )
+    if not isinstance(cache, SequenceCache):
+        raise TypeError(
+            f"cache: expected the cache the forward returned, got {type(cache).__name__}"
+        )
     tape, inputs = cache
     xp, _, _ = _checks.common(dhs=dhs, **dstates, xs=tape.xs)
     N, T = tape.xs.shape[0], tape.xs.shape[1]
@@ -278,6 +282,22 @@ class Layer:
         for name in self._states:
             setattr(self, name, None)
             setattr(self, "d" + name, None)
+
+    def _set_states(self, **states: Array | None) -> None:
+        """Validate and set the states a stateful layer starts from (None: zeros).
+
+        Each is an (N, H) real floating array of the parameters' library and
+        device, H from ``Wh``; nothing is set unless all pass.
+        """
+        Wh = self.params[1]
+        _checks.common(Wh=Wh, **states)
+        given = {k: v for k, v in states.items() if v is not None}
+        N = next(iter(given.values())).shape[0] if given else None
+        why = f"to match Wh {tuple(Wh.shape)}"
+        for name, a in given.items():
+            _checks.check_shape(name, a, [("N", N), ("H", Wh.shape[0])], why)
+        for name, a in states.items():
+            setattr(self, name, a)
 
     def reset_state(self) -> None:
         """Forget the hidden state: the next `forward` starts from zeros."""

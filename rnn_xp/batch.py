@@ -509,10 +509,13 @@ def _version(path: str) -> tuple[int, int, int]:
 def _model(weights: str, version: tuple, backend: str, device: str | None, dtype: str):
     """The model on the backend, loaded once per process (and per file version).
 
-    A batch run is inference: the model is in evaluation mode (no dropout).
+    A batch run is inference: the model is in evaluation mode (no dropout). It
+    computes in ``dtype``: its parameters are cast to it.
     """
     loaded = for_run(backend, device)
     model = load(weights, like=loaded.asarray(np.zeros(1, dtype=dtype)))
+    if _dtype_name(model._dtype) != dtype:
+        model = model.astype(dtype)
     model.batch_first = True  # the files are batch-major whatever the model was trained with
     model.eval()
     return loaded, model

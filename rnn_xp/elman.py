@@ -425,7 +425,7 @@ class RNNLayer(Layer):
 
     def set_state(self, h: Array) -> None:
         """Set the hidden state, shape (N, H), that a stateful layer starts from."""
-        self.h = h
+        self._set_states(h=h)
 
     _weights = RNN._weights
 

@@ -210,7 +210,7 @@ class GRULayer(Layer):
 
     def set_state(self, h: Array) -> None:
         """Set the hidden state, shape (N, H), that a stateful layer starts from."""
-        self.h = h
+        self._set_states(h=h)
 
     def _forward(self, xs, h0):
         hs, h_n, cache = gru_forward(xs, *self._weights(), h0=h0)

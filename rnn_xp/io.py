@@ -42,6 +42,7 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 from array_api_compat import array_namespace
 
+from ._backends import refusal
 from .model import MODES, Recurrent, _dtype_name
 
 __all__ = ["WeightsError", "infer_config", "load", "load_extra", "load_torch", "save"]
@@ -446,6 +447,9 @@ def save(model: Recurrent, path: str | os.PathLike, extra: dict[str, Any] | None
         )
     arrays = {k: np.ascontiguousarray(_to_numpy(v)) for k, v in model.state_dict().items()}
     for k, v in (extra or {}).items():
+        odd = refusal(v)  # a masked array's mask would be dropped
+        if odd is not None:
+            raise TypeError(f"extra: {_short(k)}: expected a plain array, got {odd}")
         a = np.ascontiguousarray(_to_numpy(v))
         if not isinstance(k, str) or a.dtype.kind not in "biuf" or a.dtype.itemsize > 8:
             # An object array would be pickled into the .npz, which load refuses.

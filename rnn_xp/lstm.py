@@ -259,7 +259,7 @@ class LSTMLayer(Layer):
 
     def set_state(self, h: Array, c: Array | None = None) -> None:
         """Set the states a stateful layer starts from; ``c=None`` means zeros."""
-        self.h, self.c = h, c
+        self._set_states(h=h, c=c)
 
     def _forward(self, xs, h0, c0):
         hs, h_n, c_n, cache = lstm_forward(xs, *self._weights(), h0=h0, c0=c0)

@@ -38,6 +38,32 @@ MODES: dict[str, _scan.Cell] = {
 """The cell behind each ``mode``."""
 
 
+def _floating(xp: ModuleType, dtype: Any, dev: Any) -> Any:
+    """The real floating dtype of ``xp`` that ``dtype`` (a name or a dtype) names."""
+    resolved = getattr(xp, dtype, None) if isinstance(dtype, str) else dtype
+    try:
+        ok = resolved is not None and xp.isdtype(resolved, "real floating")
+    except (TypeError, ValueError):  # a dtype of another library
+        ok = False
+    if not ok:
+        raise TypeError(
+            f"dtype: expected a real floating dtype of {xp.__name__}, such as 'float32', "
+            f"got {dtype!r}"
+        )
+    check_dtype(xp, resolved, dev)
+    return resolved
+
+
+def _generator(name: str, seed: Any) -> np.random.Generator:
+    """``numpy.random.default_rng(seed)``, for None or a non-negative integer seed."""
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"{name}: expected None or a non-negative integer, got {seed!r}")
+        if seed < 0:
+            raise ValueError(f"{name}: expected None or a non-negative integer, got {seed}")
+    return np.random.default_rng(seed)
+
+
 def _positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -112,7 +138,7 @@ class Recurrent:
             like=like,
             dtype=dtype,
         )
-        rng = np.random.default_rng(seed)
+        rng = _generator("seed", seed)
         k = 1 / np.sqrt(self.hidden_size)
         self._params = {
             name: asarray(self._xp, rng.uniform(-k, k, shape), self._dtype, self._device)
@@ -147,9 +173,10 @@ class Recurrent:
         like: Array | None = None,
         dtype: Any = "float32",
     ) -> None:
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
-        if not 0 <= dropout < 1:
+        number = isinstance(dropout, (int, float, np.floating, np.integer))
+        if isinstance(dropout, bool) or not number or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         self.mode = mode
         self.cell = MODES[mode]
@@ -172,11 +199,27 @@ class Recurrent:
 
             self._xp, self._device = xp, "cpu"
         else:
-            self._xp, self._device = array_namespace(like), device(like)
-        self._dtype = getattr(self._xp, dtype, None) if isinstance(dtype, str) else dtype
-        if self._dtype is None or not self._xp.isdtype(self._dtype, "real floating"):
-            raise TypeError(f"dtype: expected a real floating dtype, got {dtype!r}")
-        check_dtype(self._xp, self._dtype, self._device)
+            try:
+                self._xp, self._device = array_namespace(like), device(like)
+            except TypeError:
+                got = f"{type(like).__module__}.{type(like).__name__}"
+                raise TypeError(
+                    f"like: expected an array of the library (and on the device) that should "
+                    f"hold the parameters, got {got}"
+                ) from None
+        self._dtype = _floating(self._xp, dtype, self._device)
+
+    def astype(self, dtype: Any) -> Recurrent:
+        """A copy of the model whose parameters are ``dtype`` (torch's ``module.to(dtype)``).
+
+        The copy computes in ``dtype`` (or wider, if its inputs are); it shares
+        no state with this model.
+        """
+        twin = copy.copy(self)
+        twin._dtype = _floating(self._xp, dtype, self._device)
+        twin._params = {k: self._xp.astype(v, twin._dtype) for k, v in self._params.items()}
+        twin.grads, twin.dh0, twin.dc0, twin._cache = None, None, None, None
+        return twin
 
     # -- parameters ----------------------------------------------------------
 
@@ -327,6 +370,13 @@ class Recurrent:
             except NotImplementedError:
                 pass
         first = self._names(0, 0)[0]
+        xp, _, _ = _checks.common(xs=xs, h0=h0, c0=c0)
+        if xp is not self._xp:
+            raise TypeError(
+                f"xs: expected an array of the model's library ({self._xp.__name__}), got "
+                f"{type(xs).__module__}.{type(xs).__name__}; create or load the model with "
+                "like= an array of the input's library and device"
+            )
         xp, dtype, dev = _checks.common(xs=xs, h0=h0, c0=c0, **{first: self._params[first]})
         H, S = self.hidden_size, self.num_layers * self.num_directions
         _checks.check_shape(
@@ -460,8 +510,18 @@ class Recurrent:
             return None
         _checks.check_companion("lengths", lengths, xp, dev, "integral")
         _checks.check_shape("lengths", lengths, [("N", N)])
+        if xp.isdtype(lengths.dtype, "unsigned integer"):
+            # torch has almost no operations on uint16/32/64, and array_api_strict
+            # does not compare them with the int64 steps below.
+            lengths = xp.astype(lengths, xp.int64)
         # One host round trip per call, before the loop, to reject bad lengths.
-        low, high = (int(xp.min(lengths)), int(xp.max(lengths))) if N else (1, T)
+        try:
+            low, high = (int(xp.min(lengths)), int(xp.max(lengths))) if N else (1, T)
+        except TypeError:
+            # Abstract values (traced by jax.jit): they cannot be read here. The
+            # mask below is still defined: a length beyond T keeps every step,
+            # one below 1 none.
+            low, high = 1, T
         if low < 1 or high > T:
             raise ValueError(
                 f"lengths: expected every length in [1, T={T}], got values from {low} to {high}"
@@ -489,7 +549,7 @@ class Recurrent:
                     f"dropout_seed, dropout_masks: dropout={self.dropout} in training mode needs "
                     "one of them (or call eval())"
                 )
-            rng = np.random.default_rng(seed)
+            rng = _generator("dropout_seed", seed)
             drawn = [rng.random((N, T, F)) >= self.dropout for _ in range(self.num_layers - 1)]
             return [asarray(xp, scale * m, dtype, dev) for m in drawn]
         if len(masks) != self.num_layers - 1:
@@ -627,22 +687,42 @@ def from_torch(module: Any, like: Array | None = None) -> Recurrent:
             "(rnn_xp's LSTM has no projection)"
         )
     mode = kinds[name] or f"rnn_{module.nonlinearity}"
-    dtype = str(module.weight_ih_l0.dtype).removeprefix("torch.")
-    model = Recurrent(
-        mode,
-        module.input_size,
-        module.hidden_size,
-        module.num_layers,
-        bias=module.bias,
-        batch_first=module.batch_first,
-        bidirectional=module.bidirectional,
-        dropout=module.dropout,
-        like=like,
-        dtype=dtype,
-    )
+    weight = module.weight_ih_l0
+    if weight.is_meta:
+        raise ValueError("module: its parameters are on the meta device and hold no values")
+    dtype = str(weight.dtype).removeprefix("torch.")
+    try:
+        model = Recurrent._configured(
+            mode,
+            module.input_size,
+            module.hidden_size,
+            module.num_layers,
+            bias=module.bias,
+            batch_first=module.batch_first,
+            bidirectional=module.bidirectional,
+            dropout=module.dropout,
+            like=like,
+            dtype=dtype,
+        )
+    except TypeError as exc:
+        if not str(exc).startswith("dtype:"):
+            raise
+        xp = array_namespace(like) if like is not None else "NumPy"
+        raise TypeError(
+            f"module: its parameters are {dtype}, which {getattr(xp, '__name__', xp)} has no "
+            "dtype for; convert the module (module.float()), or pass like= an array of a "
+            "library that has it"
+        ) from None
+    # Through NumPy, which has no bfloat16: float32 holds every bfloat16 exactly.
+    wide = {"bfloat16": "float32"}.get(dtype)
     model.load_state_dict(
         {
-            n: asarray(model._xp, p.detach().cpu().numpy(), model._dtype, model._device)
+            n: asarray(
+                model._xp,
+                (p.detach().float() if wide else p.detach()).cpu().numpy(),
+                model._dtype,
+                model._device,
+            )
             for n, p in module.named_parameters()
         }
     )

@@ -13,6 +13,8 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from . import _checks
+
 Array = Any
 
 __all__ = ["SGD", "Adam", "clip_by_global_norm"]
@@ -20,6 +22,7 @@ __all__ = ["SGD", "Adam", "clip_by_global_norm"]
 
 def clip_by_global_norm(grads: dict[str, Array], max_norm: float | None) -> tuple[dict, float]:
     """Scale all gradients by ``max_norm / norm`` when their global L2 norm exceeds it."""
+    _checks.real_floating(**grads)  # np.matrix would square by matrix product
     xp = array_namespace(*grads.values())
     norm = math.sqrt(sum(float(xp.sum(g * g)) for g in grads.values()))
     if max_norm is None or norm <= max_norm:
@@ -35,6 +38,7 @@ class SGD:
         self.lr, self.max_norm = lr, max_norm
 
     def step(self, params: dict[str, Array], grads: dict[str, Array]) -> dict[str, Array]:
+        _checks.real_floating(**params)
         grads, _ = clip_by_global_norm(grads, self.max_norm)
         return {k: p - self.lr * grads[k] for k, p in params.items()}
 
@@ -55,6 +59,7 @@ class Adam:
         self.v: dict[str, Array] = {}
 
     def step(self, params: dict[str, Array], grads: dict[str, Array]) -> dict[str, Array]:
+        _checks.real_floating(**params)
         grads, _ = clip_by_global_norm(grads, self.max_norm)
         b1, b2 = self.betas
         self.t += 1

@@ -270,8 +270,15 @@ def test_from_torch_rejects_what_it_cannot_map():
         rnn_xp.from_torch(torch.nn.LSTMCell(2, 3))
     with pytest.raises(ValueError, match=r"module: an LSTM with proj_size=2 cannot be mapped"):
         rnn_xp.from_torch(torch.nn.LSTM(4, 3, proj_size=2))
-    with pytest.raises(TypeError, match=r"dtype: expected a real floating dtype, got 'bfloat16'"):
+    with pytest.raises(
+        TypeError, match=r"module: its parameters are bfloat16, which NumPy has no dtype for"
+    ):
         rnn_xp.from_torch(torch.nn.GRU(4, 3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"module: its parameters are on the meta device"):
+        rnn_xp.from_torch(torch.nn.GRU(4, 3, device="meta"))
+    gru = torch.nn.GRU(4, 3, dtype=torch.bfloat16)  # torch holds it: converted exactly
+    weight = rnn_xp.from_torch(gru, like=torch.zeros(1)).state_dict()["weight_ih_l0"]
+    assert torch.equal(weight, gru.weight_ih_l0.detach())
 
 
 def lstm_gru_arrays(backend, kind):

@@ -277,7 +277,10 @@ def test_sequence_model_fast_and_generic_agree(backend, data):
     )
     steps = (None, None)
     if step_kind == "lengths":
-        index_dtype = draw(st.sampled_from(["int64", "int32", "int16"]), label="lengths dtype")
+        index_dtype = draw(
+            st.sampled_from(["int64", "int32", "int16", "uint8", "uint16", "uint32", "uint64"]),
+            label="lengths dtype",
+        )
         steps = (make.backend.asarray(n.astype(index_dtype)), None)
     elif step_kind == "mask":
         steps = (None, make.backend.asarray(valid))

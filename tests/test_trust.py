@@ -198,3 +198,78 @@ def test_a_float64_model_where_jax_has_no_float64_is_refused():
         "dtype: jax.numpy makes float64 arrays float32 here; enable it first: "
         "jax.config.update('jax_enable_x64', True)"
     )
+
+
+@pytest.mark.parametrize("index", ["uint8", "uint16", "uint32", "uint64", "int8", "int32"])
+def test_lengths_of_any_integer_dtype(backend, index):
+    # torch has almost no operations on uint16/32/64, and array_api_strict does
+    # not compare uint64 with int64: the lengths are widened first.
+    rng = np.random.default_rng(6)
+    xs = rng.standard_normal((N, T, D))
+    n = np.array([T, 2, 1])
+    numpy_model = rnn_xp.Recurrent("gru", D, H, batch_first=True, seed=0, dtype="float64")
+    want = numpy_model.forward(xs, lengths=n)[0]
+    like = backend.asarray(np.zeros(1))
+    model = rnn_xp.Recurrent("gru", D, H, batch_first=True, seed=0, like=like, dtype="float64")
+    got = model.forward(backend.asarray(xs), lengths=backend.asarray(n.astype(index)))[0]
+    assert_close(backend.to_numpy(got), want, "float64", index)
+
+
+def test_lengths_under_jax_jit():
+    # Traced lengths cannot be read on the host to check their range; the
+    # masked forward is defined for any value, and agrees with the eager one.
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    xs = np.random.default_rng(7).standard_normal((N, T, D))
+    n = np.array([T, 2, 1])
+    model = rnn_xp.Recurrent(
+        "lstm", D, H, batch_first=True, seed=0, like=jax.numpy.zeros(1), dtype="float64"
+    )
+    jitted = jax.jit(lambda x, lengths: model.forward(x, lengths=lengths, inference=True)[0])
+    eager = model.forward(jax.numpy.asarray(xs), lengths=jax.numpy.asarray(n))[0]
+    got = jitted(jax.numpy.asarray(xs), jax.numpy.asarray(n))
+    assert_close(np.asarray(got), np.asarray(eager), "float64", "out")
+
+
+def test_more_arguments_get_one_clear_error_naming_them(tmp_path):
+    torch = pytest.importorskip("torch")
+    layer = rnn_xp.LSTMLayer(np.zeros((D, 4 * H)), np.zeros((H, 4 * H)), None, stateful=True)
+    for args, error, message in [
+        (([[0.0] * H] * N,), TypeError, r"h: expected an array, got builtins\.list"),
+        ((np.zeros((N, H), int),), TypeError, r"h: expected a real floating dtype"),
+        ((np.zeros((N, H + 1)),), ValueError, r"h: expected shape \(N=3, H=5\) to match Wh"),
+        ((np.zeros((N, H)), np.zeros((N + 1, H))), ValueError, r"c: expected shape \(N=3, H=5\)"),
+    ]:
+        with pytest.raises(error, match=message):
+            layer.set_state(*args)
+        assert layer.h is None  # nothing set
+    model = rnn_xp.Recurrent("gru", D, H, seed=0)
+    with pytest.raises(TypeError, match=r"xs: expected an array of the model's library"):
+        model.forward(torch.zeros(T, N, D))
+    for kwargs, error, message in [
+        ({"seed": -1}, ValueError, r"seed: expected None or a non-negative integer, got -1"),
+        ({"seed": 1.5}, TypeError, r"seed: expected None or a non-negative integer, got 1\.5"),
+        ({"dropout": "0.1"}, ValueError, r"dropout: expected a probability in \[0, 1\)"),
+        ({"like": [1.0]}, TypeError, r"like: expected an array .* got builtins\.list"),
+        ({"dtype": torch.float32}, TypeError, r"dtype: expected a real floating dtype of"),
+    ]:
+        with pytest.raises(error, match=message):
+            rnn_xp.Recurrent("gru", D, H, **kwargs)
+    with pytest.raises(TypeError, match=r"cache: expected the cache the forward returned"):
+        rnn_xp.lstm_backward(np.zeros((N, T, H)), "cache")
+    masked = np.ma.masked_array(np.zeros(3), mask=[0, 1, 0])
+    with pytest.raises(TypeError, match=r"extra: 'a': expected a plain array, got numpy\.ma"):
+        model.save(tmp_path / "w.npz", extra={"a": masked})
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_optimizers_refuse_numpy_matrix():
+    from rnn_xp.optim import SGD, Adam, clip_by_global_norm
+
+    w = np.matrix([[1.0, 2.0], [3.0, 4.0]])
+    with pytest.raises(TypeError, match=r"w: expected a plain array, got numpy\.matrix"):
+        clip_by_global_norm({"w": w}, None)
+    for optimizer in (SGD(), Adam()):
+        with pytest.raises(TypeError, match=r"w: expected a plain array, got numpy\.matrix"):
+            optimizer.step({"w": w}, {"w": np.ones((2, 2))})
