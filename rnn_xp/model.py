@@ -378,28 +378,11 @@ class Recurrent:
                 "like= an array of the input's library and device"
             )
         xp, dtype, dev = _checks.common(xs=xs, h0=h0, c0=c0, **{first: self._params[first]})
-        H, S = self.hidden_size, self.num_layers * self.num_directions
-        _checks.check_shape(
-            "xs",
-            xs,
-            [("N", None), ("T", None), ("D", self.input_size)]
-            if self.batch_first
-            else [("T", None), ("N", None), ("D", self.input_size)],
-            "with batch_first" if self.batch_first else "without batch_first",
-        )
-        x = self._batch_major(xp, xs)
-        N, T = x.shape[0], x.shape[1]
-        if T < 1:
-            raise ValueError(f"xs: expected at least one time step, got shape {tuple(xs.shape)}")
-        for name, s in (("h0", h0), ("c0", c0)):
-            if s is not None:
-                _checks.check_shape(
-                    name, s, [("num_layers*num_directions", S), ("N", N), ("H", H)], ""
-                )
-        steps = self._step_mask(xp, dev, N, T, lengths, mask)
+        H = self.hidden_size
+        N, T, steps = self._check_inputs(xp, dev, xs, h0, c0, lengths, mask)
         keep = self._dropout_masks(xp, dtype, dev, N, T, dropout_seed, dropout_masks)
 
-        x, h0, c0 = cast(xp, dtype, x, h0, c0)
+        x, h0, c0 = cast(xp, dtype, self._batch_major(xp, xs), h0, c0)
         tapes, h_n, c_n = {}, [], []
         given = (h0, c0) if lstm else (h0,)
         for layer in range(self.num_layers):
@@ -440,6 +423,30 @@ class Recurrent:
         h_n = xp.stack(h_n, axis=0)
         return (out, (h_n, xp.stack(c_n, axis=0))) if lstm else (out, h_n)
 
+    def _check_inputs(self, xp, dev, xs, h0, c0, lengths, mask) -> tuple[int, int, Any]:
+        """Check the shapes of a forward's arrays; return ``(N, T, steps)``.
+
+        ``steps`` is the (N, T) bool mask of valid steps, or None (see `_step_mask`).
+        """
+        H, S = self.hidden_size, self.num_layers * self.num_directions
+        _checks.check_shape(
+            "xs",
+            xs,
+            [("N", None), ("T", None), ("D", self.input_size)]
+            if self.batch_first
+            else [("T", None), ("N", None), ("D", self.input_size)],
+            "with batch_first" if self.batch_first else "without batch_first",
+        )
+        N, T = (xs.shape[0], xs.shape[1]) if self.batch_first else (xs.shape[1], xs.shape[0])
+        if T < 1:
+            raise ValueError(f"xs: expected at least one time step, got shape {tuple(xs.shape)}")
+        for name, s in (("h0", h0), ("c0", c0)):
+            if s is not None:
+                _checks.check_shape(
+                    name, s, [("num_layers*num_directions", S), ("N", N), ("H", H)], ""
+                )
+        return N, T, self._step_mask(xp, dev, N, T, lengths, mask)
+
     def _forward_on_chunks(self, xs, h0, c0, lengths, mask, lstm):
         axis = 0 if self.batch_first else 1
         H = self.hidden_size
@@ -448,12 +455,11 @@ class Recurrent:
         light._cache, light.grads, light.dh0, light.dc0 = None, None, None, None
 
         def outputs():
-            _checks.real_floating(xs=xs, h0=h0, c0=c0)
-            spec = [("N", None), ("T", None), ("D", self.input_size)]
-            _checks.check_shape(
-                "xs", xs, spec if self.batch_first else [spec[1], spec[0], spec[2]]
-            )
-            T = xs.shape[1 - axis]
+            # Every check of the forward, on the whole Dask arrays, before the
+            # tasks (a task would report its chunk's sizes): one small compute
+            # reads the lengths' range.
+            xp, _, dev = _checks.common(xs=xs, h0=h0, c0=c0)
+            _, T, _ = self._check_inputs(xp, dev, xs, h0, c0, lengths, mask)
             dtype = result_dtype(xs, self._params[self._names(0, 0)[0]], h0, c0)
             out = [(axis, (None, T, F) if self.batch_first else (T, None, F), dtype)]
             return out + [(1, (S, None, H), dtype)] * (2 if lstm else 1)

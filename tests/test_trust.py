@@ -273,3 +273,24 @@ def test_optimizers_refuse_numpy_matrix():
     for optimizer in (SGD(), Adam()):
         with pytest.raises(TypeError, match=r"w: expected a plain array, got numpy\.matrix"):
             optimizer.step({"w": w}, {"w": np.ones((2, 2))})
+
+
+def test_dask_inference_checks_the_whole_arrays_before_any_task():
+    # A task sees only its chunk: a check there would name the chunk's sizes,
+    # and only when the result is computed.
+    da = pytest.importorskip("dask.array")
+    model = rnn_xp.Recurrent("lstm", D, H, batch_first=True, seed=0, dtype="float64").eval()
+    xs = da.from_array(np.zeros((4, T, D)), chunks=(2, T, D))
+    n = np.array([T, 2, 3, 1])
+    for kwargs, error, message in [
+        ({"lengths": n + 5}, ValueError, r"lengths: expected every length in \[1, T=4\]"),
+        ({"lengths": n, "mask": np.ones((4, T), bool)}, ValueError, r"expected one of them"),
+        ({"lengths": n.astype(float)}, TypeError, r"lengths: expected an integer dtype"),
+        ({"h0": (np.zeros((1, 3, H)),) * 2}, ValueError, r"h0: expected shape .*N=4"),
+    ]:
+        kwargs = {
+            k: tuple(da.from_array(s) for s in v) if isinstance(v, tuple) else da.from_array(v)
+            for k, v in kwargs.items()
+        }
+        with pytest.raises(error, match=message):
+            model.forward(xs, inference=True, **kwargs)
