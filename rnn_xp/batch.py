@@ -361,7 +361,9 @@ def prepare(
     lstm = head.mode == "lstm"
     itemsize = np.dtype(name).itemsize
     state_shape = (2, S, N, H) if lstm else (S, N, H)
-    _check_space(outputs, itemsize * (N * T * F + (np.prod(state_shape) if state_out else 0)))
+    needed = itemsize * (N * T * F + (int(np.prod(state_shape)) if state_out else 0))
+    for option, path in outputs.items():
+        check_space(path, option, needed)
     _check_chunk_memory(min(batch_size, N), T, D, GATES[head.mode] * H, F, itemsize)
     return Job(
         weights=str(weights),
@@ -382,16 +384,20 @@ def prepare(
     )
 
 
-def _check_space(outputs: dict[str, str], needed: int) -> None:
-    """The outputs fit on their file system (a full disk would kill the run mid-way)."""
-    folder = os.path.dirname(os.path.abspath(outputs["--out"]))
+def check_space(path: str, option: str, needed: int) -> None:
+    """``needed`` bytes fit in the folder of ``path`` (a full disk would kill the work mid-way).
+
+    Where --out and --state-out lie in two folders, each is checked for all:
+    an upper estimate, never a false refusal unless the disk is nearly full.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return
     if needed > free:
         raise BatchError(
-            f"--out: the outputs need {human_bytes(needed)}, but the folder {folder!r} has "
+            f"{option}: the output needs {human_bytes(needed)}, but the folder {folder!r} has "
             f"{human_bytes(free)} free"
         )
 

@@ -27,6 +27,7 @@ from .batch import (
     backend_for,
     check_not_an_input,
     check_output_path,
+    check_space,
     human_bytes,
     physical_memory,
 )
@@ -381,8 +382,12 @@ def init(args: argparse.Namespace) -> int:
     itemsize = {"float16": 2, "float32": 4, "float64": 8}[args.dtype]
     sizes = "--hidden-size, --input-size, --num-layers"
     what = f"a {args.mode} model of {total:,} parameters ({args.dtype})"
+    # Each array also costs its Python object and, on disk, its archive entry
+    # and header: a few hundred bytes, which dominate for many tiny layers.
+    arrays = args.num_layers * (2 if args.bidirectional else 1) * (2 if args.no_bias else 4)
     # The parameters, plus one float64 draw of the largest before rounding to dtype.
-    _check_memory(total * itemsize + largest * 8, sizes, what)
+    _check_memory(total * itemsize + largest * 8 + 1024 * arrays, sizes, what)
+    check_space(out, "--out", total * itemsize + 512 * arrays)
     try:
         model = Recurrent(
             args.mode,

@@ -662,8 +662,12 @@ def test_outputs_larger_than_the_free_space_are_refused(work, capsys, monkeypatc
     before = snapshot(work)
     rc, _, err = call(run_args(), capsys)
     assert rc == 2
-    assert err.startswith("rnn-xp: error: --out: the outputs need 2.8 KB, but the folder ")
+    assert err.startswith("rnn-xp: error: --out: the output needs 2.8 KB, but the folder ")
     assert err.endswith("has 100 bytes free\n")
+    # init: many tiny layers cost their archive entries more than their values
+    rc, _, err = call([*INIT[:4], "1", "--hidden-size", "1", "--out", "n.npz"], capsys)
+    assert rc == 2
+    assert err.startswith("rnn-xp: error: --out: the output needs 2.1 KB, but the folder "), err
     assert snapshot(work) == before
 
 
