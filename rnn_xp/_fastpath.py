@@ -628,6 +628,11 @@ def on_dask_chunks(
     if callable(outputs):
         outputs = outputs()
     others = {k: v for k, v in batched.items() if v[0] is not None and k != name0}
+    # NumPy arrays split along the batch (a bias of one row per sequence) are
+    # split like the reference, as Dask arrays of their own.
+    others = {
+        k: (da.from_array(a) if is_numpy_array(a) else a, ax) for k, (a, ax) in others.items()
+    }
     for name, (a, _) in others.items():
         if not is_dask_array(a):
             got = f"{type(a).__module__}.{type(a).__name__}"

@@ -186,19 +186,29 @@ def sequence_forward(
         dtype = result_dtype(xs, Wx, Wh, bx, bh, *states.values())
         return [(0, (None, T, H), dtype)] + [(0, (None, H), dtype)] * len(states)
 
-    one_bias_row = all(getattr(b, "ndim", 0) < 2 or b.shape[0] == 1 for b in (bx, bh))
-    if inference and one_bias_row:
+    if inference:
+        # A bias of one row per sequence is split along the batch with xs; any
+        # other goes whole to every task, as the weights do.
+        per_sequence = {
+            k: b
+            for k, b in (("bx", bx), ("bh", bh))
+            if getattr(b, "ndim", 0) == 2 and b.shape[0] != 1
+        }
+        whole = {k: b for k, b in (("bx", bx), ("bh", bh)) if k not in per_sequence}
         try:  # Dask: each batch chunk runs this same function where it lives
             hs, *state_n = _fastpath.on_dask_chunks(
                 _sequence_chunk,
-                {"xs": (xs, 0), **{k: (s, 0) for k, s in states.items()}},
+                {
+                    "xs": (xs, 0),
+                    **{k: (s, 0) for k, s in states.items()},
+                    **{k: (b, 0) for k, b in per_sequence.items()},
+                },
                 outputs,
                 {
                     "cell": cell,
                     "Wx": Wx,
                     "Wh": Wh,
-                    "bx": bx,
-                    "bh": bh,
+                    **whole,
                     "names": bias_names,
                     "state_names": tuple(states),
                 },

@@ -294,3 +294,16 @@ def test_dask_inference_checks_the_whole_arrays_before_any_task():
         }
         with pytest.raises(error, match=message):
             model.forward(xs, inference=True, **kwargs)
+
+
+def test_dask_inference_with_a_bias_per_sequence_and_numpy_weights():
+    # The README lets Dask inputs take NumPy weights; a bias of one row per
+    # sequence is split along the batch with the input.
+    da = pytest.importorskip("dask.array")
+    rng = np.random.default_rng(8)
+    xs = rng.standard_normal((4, T, D))
+    Wx, Wh = rng.standard_normal((D, 3 * H)), rng.standard_normal((H, 3 * H)) / np.sqrt(H)
+    bx, bh = rng.standard_normal((4, 3 * H)), rng.standard_normal((1, 3 * H))
+    want = rnn_xp.gru_forward(xs, Wx, Wh, bx, bh, inference=True)[0]
+    lazy = rnn_xp.gru_forward(da.from_array(xs, chunks=(3, T, D)), Wx, Wh, bx, bh, inference=True)
+    assert_close(lazy[0].compute(), want, "float64", "hs")
