@@ -21,6 +21,11 @@ class Parser(argparse.ArgumentParser):
     of this class too.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        # Options are named as typed: no abbreviations (--batch for --batch-size).
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         message = " ".join(message.split())
         print(f"rnn-xp: error: {message.removeprefix('argument ')}", file=sys.stderr)

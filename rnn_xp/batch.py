@@ -17,10 +17,13 @@ changes nothing else.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import functools
 import importlib
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,6 +65,9 @@ class Job:
     S: int  # num_layers * num_directions
     H: int
     lstm: bool
+    # (device, inode) of each temporary output, once created: a worker writes
+    # only into the very files this job created and locked.
+    written: tuple[tuple[str, tuple[int, int]], ...] = ()
 
     def chunks(self) -> list[tuple[int, int]]:
         return [(s, min(s + self.batch_size, self.N)) for s in range(0, self.N, self.batch_size)]
@@ -419,67 +425,108 @@ def _check_chunk_memory(B: int, T: int, D: int, G: int, F: int, itemsize: int) -
 class _Partial:
     """One output under its temporary name: created, locked, renamed when done.
 
-    The file is opened without following a symbolic link (a link planted under
-    the temporary name would have the output written through it, over another
-    file) and locked for the whole run, so a second run writing the same
-    output is refused rather than both corrupting it. A temporary file left by
-    a run that died holds no lock and is reused. Only a file this run holds
-    is ever renamed or removed.
+    The file is opened without following a symbolic link and must be a regular
+    file of one link (a link planted under the temporary name would have the
+    output written over what it points to). It is locked for the whole run, so
+    a second run writing the same output is refused rather than both
+    corrupting it, and its blocks are allocated up front, so a disk that fills
+    up refuses the run instead of killing it mid-way. A temporary file left by
+    a run that died holds no lock and is reused. Writes go through this very
+    file (`array`, or `open_written` on a worker, which checks its identity),
+    and it is renamed only if it is still the one under the temporary name.
+    Only a file this run holds is ever renamed or removed.
     """
 
     def __init__(self, option: str, path: str, dtype: str, shape: tuple[int, ...]) -> None:
         self.option, self.path, self.tmp = option, path, partial_name(path)
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        self.dtype, self.shape = np.dtype(dtype), shape
+        self.fd: int | None = None
+        self.identity: tuple[int, int] | None = None  # set once the file is ours
         try:
-            self.fd = os.open(self.tmp, flags, 0o666)
+            self.fd = os.open(self.tmp, _WRITE_NO_LINKS, 0o666)
         except OSError as exc:
             if os.path.islink(self.tmp):
                 raise BatchError(
                     f"{option}: its temporary file {self.tmp!r} is a symbolic link; remove it"
                 ) from None
-            raise BatchError(f"{option}: cannot create {self.tmp!r} ({exc.strerror})") from None
+            raise BatchError(f"{option}: cannot create {self.tmp!r} ({_why(exc)})") from None
         try:
-            self._lock()
+            self._own()
             header = {
-                "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                "descr": np.lib.format.dtype_to_descr(self.dtype),
                 "fortran_order": False,
                 "shape": shape,
             }
             with os.fdopen(os.dup(self.fd), "r+b") as f:
                 f.truncate(0)
                 np.lib.format.write_array_header_1_0(f, header)
-                f.truncate(f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+                self.offset = f.tell()
+            size = self.offset + int(np.prod(shape)) * self.dtype.itemsize
+            os.ftruncate(self.fd, size)
+            _allocate(self.fd, size)
+        except BatchError:
+            self.discard()
+            raise
         except OSError as exc:
             self.discard()
-            raise BatchError(f"{option}: cannot create {self.tmp!r} ({exc.strerror})") from None
+            raise BatchError(f"{option}: cannot create {self.tmp!r} ({_why(exc)})") from None
         except BaseException:
             self.discard()
             raise
 
-    def _lock(self) -> None:
+    def _own(self) -> None:
+        """Make the open file this run's, or BatchError (and the file is left alone)."""
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BatchError(
+                f"{self.option}: its temporary file {self.tmp!r} is not a regular file; remove it"
+            )
+        if st.st_nlink > 1:
+            raise BatchError(
+                f"{self.option}: its temporary file {self.tmp!r} is a hard link to another "
+                "file; remove it"
+            )
+        busy = BatchError(
+            f"{self.option}: another run is writing {self.tmp!r} now; wait for it, or choose "
+            f"another {self.option}"
+        )
         try:
             import fcntl
-        except ImportError:  # not POSIX: no advisory locks, nothing to refuse
-            return
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise BatchError(
-                f"{self.option}: another run is writing {self.tmp!r} now; wait for it, or "
-                f"choose another {self.option}"
-            ) from None
+        except ImportError:  # not POSIX: no advisory locks
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise busy from None
+        # Between the open and the lock, another run may have renamed this file
+        # to its output: then it is no longer the temporary file.
+        if _identity_at(self.tmp) != (st.st_dev, st.st_ino):
+            raise busy
+        self.identity = (st.st_dev, st.st_ino)
+
+    def array(self) -> np.memmap:
+        """The output, memory-mapped through this run's own file."""
+        with os.fdopen(os.dup(self.fd), "r+b") as f:
+            return np.memmap(f, self.dtype, "r+", self.offset, self.shape)
 
     def finish(self) -> None:
+        if _identity_at(self.tmp) != self.identity:
+            self.identity = None  # whatever is there now is not ours: leave it
+            raise BatchError(
+                f"{self.option}: its temporary file {self.tmp!r} was replaced during the run; "
+                f"nothing was written to {self.path!r}"
+            )
         os.replace(self.tmp, self.path)
+        self.identity = None
         self.close()
 
     def discard(self) -> None:
-        if self.fd is not None:
+        if self.identity is not None and _identity_at(self.tmp) == self.identity:
             with contextlib.suppress(OSError):
                 os.unlink(self.tmp)
-            self.close()
+        self.identity = None
+        self.close()
 
     def close(self) -> None:
         if self.fd is not None:
@@ -487,21 +534,70 @@ class _Partial:
             self.fd = None
 
 
+_WRITE_NO_LINKS = (
+    os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _identity_at(path: str) -> tuple[int, int] | None:
+    """(device, inode) of what is under ``path`` itself (a link is not followed)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks: a full disk then refuses now, not with SIGBUS mid-run."""
+    allocate = getattr(os, "posix_fallocate", None)
+    if allocate is None or size == 0:
+        return
+    try:
+        allocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise
+        # EOPNOTSUPP, EINVAL: a file system that cannot reserve; write as before
+
+
+def open_written(job: Job, option: str) -> np.memmap:
+    """On a worker: the output ``option`` of ``job``, checked to be the file the job created."""
+    path = {"--out": job.out, "--state-out": job.state_out}[option]
+    tmp = partial_name(path)
+    fd = os.open(tmp, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != dict(job.written)[option]:
+            raise OSError(errno.ESTALE, "not the temporary file this job created", tmp)
+        with os.fdopen(os.dup(fd), "r+b") as f:
+            head = f.read(_NPY_HEAD)
+            dtype, shape, _, offset = npy_header(head, st.st_size)
+            return np.memmap(f, dtype, "r+", offset, shape)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _outputs(job: Job):
-    """The job's outputs, full size under their temporary names, renamed when the body ends.
+    """The job's outputs, created full size under their temporary names; renamed at the end.
 
-    If the body fails, the temporary files are removed and nothing is renamed.
+    Yields ``{option: _Partial}``. If the body fails, the temporary files are
+    removed and nothing is renamed.
     """
-    made: list[_Partial] = []
+    made: dict[str, _Partial] = {}
     try:
         for option, path, shape in job.outputs():
-            made.append(_Partial(option, path, job.dtype, shape))
-        yield
-        for partial in made:
+            made[option] = _Partial(option, path, job.dtype, shape)
+        yield made
+        for partial in made.values():
             partial.finish()
     except BaseException:
-        for partial in made:
+        for partial in made.values():
             partial.discard()
         raise
 
@@ -548,12 +644,13 @@ def _read(job: Job, loaded, start: int, stop: int):
     return x, n
 
 
-def _write(job: Job, start: int, stop: int, out: np.ndarray, states: list[np.ndarray]) -> None:
-    ys = np.load(partial_name(job.out), mmap_mode="r+")
+def _write(job: Job, files: dict, start: int, stop: int, out, states) -> None:
+    """Write one chunk's outputs into ``files``, the memory-mapped outputs by option."""
+    ys = files["--out"]
     ys[start:stop] = out
     ys.flush()
     if job.state_out:
-        s = np.load(partial_name(job.state_out), mmap_mode="r+")
+        s = files["--state-out"]
         if job.lstm:
             s[0, :, start:stop], s[1, :, start:stop] = states
         else:
@@ -564,7 +661,8 @@ def _write(job: Job, start: int, stop: int, out: np.ndarray, states: list[np.nda
 def _chunk_task(job: Job, start: int, stop: int) -> int:
     """What one Dask task does: read, compute and write one chunk; its size."""
     out, states = _compute(job, start, stop)
-    _write(job, start, stop, out, states)
+    files = {option: open_written(job, option) for option, _, _ in job.outputs()}
+    _write(job, files, start, stop, out, states)
     return stop - start
 
 
@@ -575,12 +673,14 @@ def run_file(job: Job, progress: Callable[[int], Any] | None = None) -> None:
     fails, its temporary outputs are removed and nothing else is written.
     """
     chunks = job.chunks()
-    with _outputs(job):
+    with _outputs(job) as made:
+        files = {option: partial.array() for option, partial in made.items()}
         if chunks:
-            _run_chunks(job, chunks, progress)
+            _run_chunks(job, files, chunks, progress)
+        del files  # unmapped before the rename
 
 
-def _run_chunks(job: Job, chunks: list[tuple[int, int]], progress) -> None:
+def _run_chunks(job: Job, files: dict, chunks: list[tuple[int, int]], progress) -> None:
     loaded, _ = _model(job.weights, _version(job.weights), job.backend, job.device, job.dtype)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # Read (and move to the device) the next chunk while this one computes.
@@ -590,7 +690,7 @@ def _run_chunks(job: Job, chunks: list[tuple[int, int]], progress) -> None:
             if i + 1 < len(chunks):
                 pending = pool.submit(_read, job, loaded, *chunks[i + 1])
             out, states = _compute(job, start, stop, x, n)
-            _write(job, start, stop, out, states)
+            _write(job, files, start, stop, out, states)
             if progress is not None:
                 progress(stop - start)
 
@@ -607,7 +707,18 @@ def run_file_distributed(
     from distributed import as_completed
 
     futures = []
-    with _outputs(job):
+    with _outputs(job) as made:
+        # Absolute paths (the workers' working directories are their own) and
+        # the identity of the files to write into.
+        job = dataclasses.replace(
+            job,
+            **{
+                k: os.path.abspath(getattr(job, k))
+                for k in ("weights", "input", "out", "lengths", "state_out")
+                if getattr(job, k) is not None
+            },
+            written=tuple((option, p.identity) for option, p in made.items()),
+        )
         try:
             futures = [
                 client.submit(_chunk_task, job, start, stop, pure=False, retries=2)

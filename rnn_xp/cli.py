@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -307,10 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:  # pragma: no cover (argv is never empty here)
             return 0
         command = {"init": init, "convert": convert, "run": run, "train": train}[args.command]
-        return command(args)
+        with _terminated_as_exit():
+            return command(args)
     except (CLIError, BatchError, BackendUnavailable, WeightsError) as exc:
         return _error(exc)
-    except (FileNotFoundError, ValueError, TypeError) as exc:  # a last resort: still one line
+    except (ValueError, TypeError) as exc:  # a last resort: still one line
         return _error(exc)
     except MemoryError:
         print(f"{PROG}: error: out of memory", file=sys.stderr)
@@ -322,6 +324,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _terminated_as_exit():
+    """SIGTERM (a job scheduler's stop) unwinds like Ctrl-C: temporary files are removed."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _error(exc: BaseException) -> int:

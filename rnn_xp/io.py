@@ -305,13 +305,13 @@ def _configured(src: _Source, config: dict[str, Any], like: Any) -> Recurrent:
             like=like,
             dtype=config["dtype"],
         )
-    except TypeError:
+    except TypeError as exc:
         if like is None:
             raise
         # The configuration is checked: only like's library can lack its dtype.
         raise TypeError(
-            f"like: {array_namespace(like).__name__} has no {config['dtype']} dtype, the "
-            f"dtype of {src}"
+            f"like: cannot hold the {config['dtype']} parameters of {src} "
+            f"({str(exc).removeprefix('dtype: ')})"
         ) from None
 
 
@@ -1147,21 +1147,37 @@ def _torch_state(src: _Source, raw: Any, torch: Any, size: int) -> dict[str, np.
         if value.layout != torch.strided:
             raise src.error(f"{what} is a {value.layout} tensor; expected a dense one")
         state[key] = value
-    # The tensors are views of the memory-mapped file, and their data is in it:
-    # more bytes than the file holds means views that repeat their storage
-    # (expanded or overlapping), which a copy would inflate.
+    # The tensors are views of the memory-mapped file's storages. Their copies,
+    # one per distinct view (a tensor tied under two names is copied once),
+    # must not take more bytes than the storages hold: views that repeat their
+    # storage (expanded, overlapping) would inflate a small file in memory.
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
-    if total > size:
+    views = {_view(v): k for k, v in tensors.items()}
+    storages = {
+        v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in tensors.values()
+    }
+    total = sum(tensors[k].numel() * tensors[k].element_size() for k in views.values())
+    if total > sum(storages.values()):
         raise src.error(
-            f"{src}: its tensors take {total} bytes, more than the file's {size}: views that "
-            "repeat their storage (expanded or overlapping); save a state_dict of plain tensors"
+            f"{src}: its tensors take {total} bytes, more than their storages' "
+            f"{sum(storages.values())}: views that repeat their storage (expanded or "
+            "overlapping); save a state_dict of plain tensors"
         )
+    copies: dict[tuple, np.ndarray] = {}
     for key, value in tensors.items():
-        try:
-            # A copy: the tensor is a view of the memory-mapped file.
-            state[key] = np.array(value.detach().resolve_conj().resolve_neg().numpy())
-        except (RuntimeError, TypeError) as exc:
-            what = f"{src}: {_short(key, 40)}"
-            raise src.error(f"{what} cannot be read as an array ({_reason(exc)})") from None
+        view = _view(value)
+        if view not in copies:
+            try:
+                # A copy: the tensor is a view of the memory-mapped file.
+                copies[view] = np.array(value.detach().resolve_conj().resolve_neg().numpy())
+            except (RuntimeError, TypeError) as exc:
+                what = f"{src}: {_short(key, 40)}"
+                raise src.error(f"{what} cannot be read as an array ({_reason(exc)})") from None
+        state[key] = copies[view]
     return state
+
+
+def _view(t: Any) -> tuple:
+    """What makes two tensors the same data: storage, offset, shape, strides, dtype."""
+    storage = t.untyped_storage().data_ptr()
+    return storage, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype

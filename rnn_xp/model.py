@@ -43,7 +43,7 @@ def _floating(xp: ModuleType, dtype: Any, dev: Any) -> Any:
     resolved = getattr(xp, dtype, None) if isinstance(dtype, str) else dtype
     try:
         ok = resolved is not None and xp.isdtype(resolved, "real floating")
-    except (TypeError, ValueError):  # a dtype of another library
+    except (TypeError, ValueError, AttributeError):  # a dtype of another library
         ok = False
     if not ok:
         raise TypeError(
@@ -516,21 +516,29 @@ class Recurrent:
             return None
         _checks.check_companion("lengths", lengths, xp, dev, "integral")
         _checks.check_shape("lengths", lengths, [("N", N)])
+        wrapped = None
         if xp.isdtype(lengths.dtype, "unsigned integer"):
             # torch has almost no operations on uint16/32/64, and array_api_strict
-            # does not compare them with the int64 steps below.
+            # does not compare them with the int64 steps below. uint64 lengths
+            # of 2**63 or more wrap to negative: they are beyond T, and stay so.
+            big = lengths.dtype == xp.uint64
             lengths = xp.astype(lengths, xp.int64)
+            if big:
+                wrapped = lengths < 0
+                lengths = xp.where(wrapped, xp.zeros_like(lengths) + (T + 1), lengths)
         # One host round trip per call, before the loop, to reject bad lengths.
         try:
             low, high = (int(xp.min(lengths)), int(xp.max(lengths))) if N else (1, T)
+            huge = wrapped is not None and N and bool(xp.any(wrapped))
         except TypeError:
             # Abstract values (traced by jax.jit): they cannot be read here. The
             # mask below is still defined: a length beyond T keeps every step,
             # one below 1 none.
-            low, high = 1, T
+            low, high, huge = 1, T, False
         if low < 1 or high > T:
             raise ValueError(
-                f"lengths: expected every length in [1, T={T}], got values from {low} to {high}"
+                f"lengths: expected every length in [1, T={T}], got values from {low} to "
+                f"{'2**63 or more' if huge else high}"
             )
         return xp.expand_dims(arange(xp, T, dev), axis=0) < xp.expand_dims(lengths, axis=1)
 
@@ -693,10 +701,9 @@ def from_torch(module: Any, like: Array | None = None) -> Recurrent:
             "(rnn_xp's LSTM has no projection)"
         )
     mode = kinds[name] or f"rnn_{module.nonlinearity}"
-    weight = module.weight_ih_l0
-    if weight.is_meta:
+    if any(p.is_meta for p in module.parameters()):
         raise ValueError("module: its parameters are on the meta device and hold no values")
-    dtype = str(weight.dtype).removeprefix("torch.")
+    dtype = str(module.weight_ih_l0.dtype).removeprefix("torch.")
     try:
         model = Recurrent._configured(
             mode,
@@ -713,11 +720,10 @@ def from_torch(module: Any, like: Array | None = None) -> Recurrent:
     except TypeError as exc:
         if not str(exc).startswith("dtype:"):
             raise
-        xp = array_namespace(like) if like is not None else "NumPy"
         raise TypeError(
-            f"module: its parameters are {dtype}, which {getattr(xp, '__name__', xp)} has no "
-            "dtype for; convert the module (module.float()), or pass like= an array of a "
-            "library that has it"
+            f"module: its parameters are {dtype}, which like's library cannot hold here "
+            f"({str(exc).removeprefix('dtype: ')}); convert the module (module.float()), or "
+            "pass another like"
         ) from None
     # Through NumPy, which has no bfloat16: float32 holds every bfloat16 exactly.
     wide = {"bfloat16": "float32"}.get(dtype)

@@ -20,9 +20,15 @@ Array = Any
 __all__ = ["SGD", "Adam", "clip_by_global_norm"]
 
 
+def _plain(arrays: dict[Any, Array]) -> None:
+    """Each value a plain real floating array (keys of any kind: names, indices)."""
+    for k, a in arrays.items():
+        _checks.real_floating(**{str(k): a})
+
+
 def clip_by_global_norm(grads: dict[str, Array], max_norm: float | None) -> tuple[dict, float]:
     """Scale all gradients by ``max_norm / norm`` when their global L2 norm exceeds it."""
-    _checks.real_floating(**grads)  # np.matrix would square by matrix product
+    _plain(grads)  # np.matrix would square by matrix product
     xp = array_namespace(*grads.values())
     norm = math.sqrt(sum(float(xp.sum(g * g)) for g in grads.values()))
     if max_norm is None or norm <= max_norm:
@@ -38,7 +44,7 @@ class SGD:
         self.lr, self.max_norm = lr, max_norm
 
     def step(self, params: dict[str, Array], grads: dict[str, Array]) -> dict[str, Array]:
-        _checks.real_floating(**params)
+        _plain(params)
         grads, _ = clip_by_global_norm(grads, self.max_norm)
         return {k: p - self.lr * grads[k] for k, p in params.items()}
 
@@ -59,7 +65,7 @@ class Adam:
         self.v: dict[str, Array] = {}
 
     def step(self, params: dict[str, Array], grads: dict[str, Array]) -> dict[str, Array]:
-        _checks.real_floating(**params)
+        _plain(params)
         grads, _ = clip_by_global_norm(grads, self.max_norm)
         b1, b2 = self.betas
         self.t += 1

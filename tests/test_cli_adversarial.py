@@ -10,9 +10,14 @@ process; a few go end to end through a subprocess.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import os
+import signal
+import subprocess
 import sys
+import time
 import types
 from dataclasses import dataclass
 
@@ -845,6 +850,77 @@ def test_a_second_run_writing_the_same_output_is_refused(work, capsys):
     assert rc == 0, err
 
 
+def test_a_temporary_name_that_is_a_hard_link_is_refused_and_its_file_kept(work, capsys):
+    np.save("keep.npy", np.arange(10.0))
+    os.link("keep.npy", "y.npy.partial")
+    before = snapshot(work)
+    rc, _, err = call(run_args("--no-progress"), capsys)
+    assert rc == 2, err
+    assert err == (
+        "rnn-xp: error: --out: its temporary file 'y.npy.partial' is a hard link to another "
+        "file; remove it\n"
+    )
+    assert snapshot(work) == before
+
+
+def test_a_temporary_file_swapped_for_a_link_mid_run_is_not_written_through(work, monkeypatch):
+    # The run writes through the file it created and locked, never by name,
+    # and renames only that file.
+    np.save("victim.npy", np.full((*X.shape[:2], 10), 7.0, np.float32))
+    victim = (work / "victim.npy").read_bytes()
+    real_compute = batch._compute
+
+    def swap_then_compute(*args, **kwargs):
+        if not os.path.islink("y.npy.partial"):
+            os.replace("y.npy.partial", "moved.npy")
+            os.symlink("victim.npy", "y.npy.partial")
+        return real_compute(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "_compute", swap_then_compute)
+    job = batch.prepare("w.npz", "x.npy", "y.npy", batch_size=4)
+    with pytest.raises(
+        batch.BatchError,
+        match=r"--out: its temporary file 'y\.npy\.partial' was replaced during the run; nothing was written to 'y\.npy'",
+    ):
+        batch.run_file(job)
+    assert (work / "victim.npy").read_bytes() == victim
+    assert os.path.islink("y.npy.partial")  # not ours: left alone
+    assert not os.path.exists("y.npy")
+
+
+def test_a_worker_writes_only_into_the_file_the_job_created(work):
+    job = batch.prepare("w.npz", "x.npy", "y.npy")
+    with batch._outputs(job) as made:
+        job = dataclasses.replace(job, written=tuple((o, p.identity) for o, p in made.items()))
+        os.replace("y.npy.partial", "moved.npy")
+        with open("y.npy.partial", "wb") as f:
+            np.save(f, np.zeros((10, 7, 10), np.float32))
+        with pytest.raises(OSError, match="not the temporary file this job created"):
+            batch._chunk_task(job, 0, 5)
+        os.replace("moved.npy", "y.npy.partial")  # the job's own file back, to finish
+    assert np.load("y.npy").shape == (10, 7, 10)
+
+
+def test_a_disk_too_full_for_the_outputs_refuses_before_the_work(work, capsys, monkeypatch):
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    before = snapshot(work)
+    rc, _, err = call(run_args("--no-progress"), capsys)
+    assert rc == 2, err
+    assert err == (
+        "rnn-xp: error: --out: cannot create 'y.npy.partial' (No space left on device)\n"
+    )
+    assert snapshot(work) == before
+
+
+def test_options_are_not_abbreviated(work, capsys):
+    rc, _, err = call(run_args("--batch", "0"), capsys)
+    assert rc == 2
+    assert err == "rnn-xp: error: unrecognized arguments: --batch 0\n"
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
@@ -1029,3 +1105,31 @@ def test_no_sequences_need_no_task_on_a_cluster(work):
     batch.run_file_distributed(job, NoTasks())
     assert np.load("y.npy").shape == (0, 7, 10)
     assert np.load("s.npy").shape == (2, 4, 0, 5)
+
+
+def test_a_terminated_run_removes_its_temporary_files(tmp_path):
+    # SIGTERM, as a job scheduler stops a job, unwinds like Ctrl-C.
+    rnn_xp.Recurrent("gru", 8, 64, batch_first=True, seed=0).save(tmp_path / "w.npz")
+    np.save(tmp_path / "x.npy", np.zeros((4000, 50, 8), dtype=np.float32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RNN_XP_")}
+    argv = ["run", "--weights", "w.npz", "--input", "x.npy", "--out", "y.npy"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rnn_xp", *argv, "--batch-size", "8", "--no-progress"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "y.npy.partial").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    running = proc.poll() is None
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert running, "the run finished before it could be stopped"
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "y.npy.partial").exists()
+    assert not (tmp_path / "y.npy").exists()

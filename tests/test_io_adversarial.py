@@ -1119,3 +1119,16 @@ def test_torch_views_that_repeat_their_storage_are_refused_before_copying(tmp_pa
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20, peak
+
+
+def test_torch_tensors_tied_under_two_names_load(tmp_path, torch):
+    # One tensor under two names is one view: copied once, counted once.
+    module = torch.nn.LSTM(3, 4, bidirectional=True)
+    module.weight_ih_l0_reverse = module.weight_ih_l0
+    module.weight_hh_l0_reverse = module.weight_hh_l0
+    path = tmp_path / "m.pt"
+    torch.save(module.state_dict(), path)
+    model = io.load_torch(path)
+    state = model.state_dict()
+    np.testing.assert_array_equal(state["weight_ih_l0_reverse"], state["weight_ih_l0"])
+    np.testing.assert_array_equal(state["weight_ih_l0"], module.weight_ih_l0.detach().numpy())

@@ -307,3 +307,35 @@ def test_dask_inference_with_a_bias_per_sequence_and_numpy_weights():
     want = rnn_xp.gru_forward(xs, Wx, Wh, bx, bh, inference=True)[0]
     lazy = rnn_xp.gru_forward(da.from_array(xs, chunks=(3, T, D)), Wx, Wh, bx, bh, inference=True)
     assert_close(lazy[0].compute(), want, "float64", "hs")
+
+
+def test_second_review_regressions():
+    torch = pytest.importorskip("torch")
+    from rnn_xp.optim import Adam, clip_by_global_norm
+
+    # optimizers take dicts keyed by anything, as before
+    assert clip_by_global_norm({0: np.ones(4)}, None)[1] == 2.0
+    assert Adam().step({0: np.ones(3)}, {0: np.ones(3)})[0].shape == (3,)
+    # a dtype of another library, for a torch model
+    with pytest.raises(TypeError, match=r"dtype: expected a real floating dtype of"):
+        rnn_xp.Recurrent("gru", 2, 3, like=torch.zeros(1), dtype=np.float32)
+    # any parameter on the meta device
+    module = torch.nn.GRU(2, 3, 2)
+    module.weight_hh_l1 = torch.nn.Parameter(torch.empty(9, 3, device="meta"))
+    with pytest.raises(ValueError, match=r"module: its parameters are on the meta device"):
+        rnn_xp.from_torch(module)
+    # uint64 lengths of 2**63 or more are beyond T, not wrapped below 1
+    xs = np.random.default_rng(9).standard_normal((N, T, D))
+    model = rnn_xp.Recurrent("gru", D, H, batch_first=True, seed=0, dtype="float64")
+    n = np.array([T, 1, 2**64 - 1], np.uint64)
+    with pytest.raises(ValueError, match=r"got values from 1 to 2\*\*63 or more"):
+        model.forward(xs, lengths=n)
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    jmodel = rnn_xp.Recurrent(
+        "gru", D, H, batch_first=True, seed=0, like=jax.numpy.zeros(1), dtype="float64"
+    )
+    jitted = jax.jit(lambda x, lengths: jmodel.forward(x, lengths=lengths, inference=True)[0])
+    got = np.asarray(jitted(jax.numpy.asarray(xs), jax.numpy.asarray(n)))
+    full = np.asarray(jmodel.forward(jax.numpy.asarray(xs), inference=True)[0])
+    assert_close(got[2], full[2], "float64", "a length beyond T keeps every step")
