@@ -30,6 +30,7 @@ __all__ = [
     "BACKENDS",
     "TOLERANCE",
     "Backend",
+    "BackendNotInstalled",
     "BackendUnavailable",
     "Loaded",
     "arange",
@@ -119,6 +120,10 @@ class BackendUnavailable(Exception):
     """A backend cannot run here; the message says why."""
 
 
+class BackendNotInstalled(BackendUnavailable):
+    """Its library is not installed; the message names the extra that installs it."""
+
+
 @dataclass(frozen=True)
 class Loaded:
     """A backend ready to use.
@@ -172,7 +177,7 @@ def _import(module: str, what: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise BackendUnavailable(
+        raise BackendNotInstalled(
             f"{what} is not installed ({exc}); pip install {_EXTRAS[module]}"
         ) from None
 

@@ -200,7 +200,7 @@ def _halve_columns(lib: Any, a, blocks, G: int):
     if a.ndim and a.shape[-1] == G:
         out = lib.copy(a)
     else:  # a bias shared by every column, (1,), (N, 1) or 0-d: one entry per column
-        out = lib.empty((*a.shape[:-1], G), dtype=a.dtype) if a.ndim else lib.empty((G,), a.dtype)
+        out = lib.empty((*a.shape[:-1], G), dtype=a.dtype)
         lib.copyto(out, a)
     for lo, hi in blocks:
         lib.multiply(out[..., lo:hi], 0.5, out=out[..., lo:hi])

@@ -189,12 +189,10 @@ def sequence_forward(
     if inference:
         # A bias of one row per sequence is split along the batch with xs; any
         # other goes whole to every task, as the weights do.
-        per_sequence = {
-            k: b
-            for k, b in (("bx", bx), ("bh", bh))
-            if getattr(b, "ndim", 0) == 2 and b.shape[0] != 1
-        }
-        whole = {k: b for k, b in (("bx", bx), ("bh", bh)) if k not in per_sequence}
+        named = {"bx": bx, "bh": bh}
+        rows = {k for k, b in named.items() if getattr(b, "ndim", 0) == 2 and b.shape[0] != 1}
+        per_sequence = {k: b for k, b in named.items() if k in rows}
+        whole = {k: b for k, b in named.items() if k not in rows}
         try:  # Dask: each batch chunk runs this same function where it lives
             hs, *state_n = _fastpath.on_dask_chunks(
                 _sequence_chunk,

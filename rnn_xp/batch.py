@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import importlib
 import os
 import shutil
 import stat
@@ -32,16 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from ._backends import BackendUnavailable, for_run
+from ._backends import BackendNotInstalled, BackendUnavailable, for_run
 from .io import _NPY_HEAD, WeightsError, load, npy_header
 from .model import Recurrent, _dtype_name
 
 __all__ = ["BatchError", "prepare", "run_file", "run_file_distributed"]
 
-EXTRAS = {"numpy": None, "torch": "torch", "jax": "jax", "cupy": "cuda12"}
-LIBRARIES = {"torch": ("torch", "PyTorch"), "jax": ("jax", "JAX"), "cupy": ("cupy", "CuPy")}
+BACKENDS = ("numpy", "torch", "jax", "cupy")
 FLOAT_DTYPES = ("float16", "float32", "float64")
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 
 
 class BatchError(ValueError):
@@ -90,19 +87,12 @@ def backend_for(name: str, device: str | None):
     An install hint is given only when the library cannot be imported; a library
     that is installed but cannot use the device says what is wrong instead.
     """
-    if name not in EXTRAS:
-        raise BatchError(f"--backend: expected one of {', '.join(EXTRAS)}, got {name!r}")
-    if name in LIBRARIES:
-        module, label = LIBRARIES[name]
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            hint = f"pip install 'rnn-xp[{EXTRAS[name]}]'"
-            if name == "cupy":
-                hint += " (or 'rnn-xp[cuda13]' for CUDA 13)"
-            raise BatchError(f"--backend: {label} is not installed ({exc}); {hint}") from None
+    if name not in BACKENDS:
+        raise BatchError(f"--backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
     try:
         return for_run(name, device)
+    except BackendNotInstalled as exc:
+        raise BatchError(f"--backend: {exc}") from None
     except BackendUnavailable as exc:
         option = "--backend" if device is None else "--device"
         raise BatchError(f"{option}: {exc}") from None
@@ -234,11 +224,6 @@ def load_weights(path: str | os.PathLike, option: str, like: Any = None) -> Recu
         raise BatchError(f"{option}: {exc.detail}") from None
     except MemoryError:
         raise BatchError(f"{option}: {os.fspath(path)!r} is too large to load here") from None
-    except (OSError, ValueError, TypeError, KeyError) as exc:  # not yet a WeightsError
-        detail = str(exc)
-        for prefix in ("weights: ", "path: ", "state: "):
-            detail = detail.removeprefix(prefix)
-        raise BatchError(f"{option}: {detail}") from None
 
 
 def read_npy(path: str | os.PathLike, option: str) -> np.ndarray:
@@ -370,7 +355,7 @@ def prepare(
     needed = itemsize * (N * T * F + (int(np.prod(state_shape)) if state_out else 0))
     for option, path in outputs.items():
         check_space(path, option, needed)
-    _check_chunk_memory(min(batch_size, N), T, D, GATES[head.mode] * H, F, itemsize)
+    _check_chunk_memory(min(batch_size, N), T, D, head.cell.gates * H, F, itemsize)
     return Job(
         weights=str(weights),
         input=str(input),

@@ -370,14 +370,18 @@ class Recurrent:
             except NotImplementedError:
                 pass
         first = self._names(0, 0)[0]
-        xp, _, _ = _checks.common(xs=xs, h0=h0, c0=c0)
-        if xp is not self._xp:
-            raise TypeError(
-                f"xs: expected an array of the model's library ({self._xp.__name__}), got "
-                f"{type(xs).__module__}.{type(xs).__name__}; create or load the model with "
-                "like= an array of the input's library and device"
-            )
-        xp, dtype, dev = _checks.common(xs=xs, h0=h0, c0=c0, **{first: self._params[first]})
+        try:
+            xp, dtype, dev = _checks.common(xs=xs, h0=h0, c0=c0, **{first: self._params[first]})
+        except TypeError:
+            # Only on failure: say so when the input is of another library than the
+            # model (which the message would otherwise blame on the parameter).
+            if _checks.common(xs=xs, h0=h0, c0=c0)[0] is not self._xp:
+                raise TypeError(
+                    f"xs: expected an array of the model's library ({self._xp.__name__}), got "
+                    f"{type(xs).__module__}.{type(xs).__name__}; create or load the model with "
+                    "like= an array of the input's library and device"
+                ) from None
+            raise
         H = self.hidden_size
         N, T, steps = self._check_inputs(xp, dev, xs, h0, c0, lengths, mask)
         keep = self._dropout_masks(xp, dtype, dev, N, T, dropout_seed, dropout_masks)
