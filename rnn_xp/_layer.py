@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import _checks, _fastpath, _scan
+from . import _checks, _chunks, _scan
 from ._backends import zeros
 
 Array = Any
@@ -194,7 +194,7 @@ def sequence_forward(
         per_sequence = {k: b for k, b in named.items() if k in rows}
         whole = {k: b for k, b in named.items() if k not in rows}
         try:  # Dask: each batch chunk runs this same function where it lives
-            hs, *state_n = _fastpath.on_dask_chunks(
+            hs, *state_n = _chunks.on_dask_chunks(
                 _sequence_chunk,
                 {
                     "xs": (xs, 0),

@@ -20,7 +20,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import _checks, _fastpath, _scan
+from . import _checks, _chunks, _scan
 from ._backends import zeros
 from ._layer import (
     Layer,
@@ -239,7 +239,7 @@ def rnn_forward(
         return [(0, (None, T, H), result_dtype(xs, Wx, Wh, b, h0))]
 
     try:  # Dask: each batch chunk runs this same function where it lives
-        (hs,) = _fastpath.on_dask_chunks(
+        (hs,) = _chunks.on_dask_chunks(
             _rnn_chunk,
             {"xs": (xs, 0), "h0": (h0, 0), "b": (b if b_rows else None, 0)},
             outputs,

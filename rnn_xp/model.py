@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device, is_numpy_array
 
-from . import _checks, _fastpath, _scan
+from . import _checks, _chunks, _scan
 from ._backends import arange, asarray, check_dtype, zeros
 from ._layer import cast, result_dtype
 from .elman import ElmanCell
@@ -468,7 +468,7 @@ class Recurrent:
             out = [(axis, (None, T, F) if self.batch_first else (T, None, F), dtype)]
             return out + [(1, (S, None, H), dtype)] * (2 if lstm else 1)
 
-        out, *states = _fastpath.on_dask_chunks(
+        out, *states = _chunks.on_dask_chunks(
             _model_chunk,
             {
                 "xs": (xs, axis),
