@@ -15,16 +15,25 @@ No other module of rnn_xp asks which library an array comes from.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
-from array_api_compat import device, is_cupy_namespace, is_jax_namespace
+from array_api_compat import (
+    device,
+    is_array_api_obj,
+    is_cupy_array,
+    is_cupy_namespace,
+    is_jax_namespace,
+)
+
+from . import precision
 
 __all__ = [
     "BACKENDS",
@@ -47,13 +56,61 @@ operation; an output here sums a few hundred products along the longest path."""
 
 
 def _on(xp: ModuleType, device: Any) -> AbstractContextManager:
-    # CuPy allocates on the current device whatever device= says; enter it.
+    """The context in which arrays of ``xp`` are created, and kernels run, on ``device``.
+
+    CuPy allocates on the *current* device whatever ``device=`` says, and runs
+    every kernel there; its devices are context managers. Other libraries put
+    results where their operands are: nothing to enter.
+    """
     return device if is_cupy_namespace(xp) and device is not None else nullcontext()
+
+
+def _device_context(a: Any) -> AbstractContextManager:
+    """`_on` for the library and device of the array ``a``."""
+    return a.device if is_cupy_array(a) else nullcontext()
 
 
 def on_device_of(xp: ModuleType, a: Any) -> AbstractContextManager:
     """The context in which new arrays of ``xp`` land on ``a``'s device."""
-    return a.device if is_cupy_namespace(xp) else nullcontext()
+    return _device_context(a)
+
+
+def on_model_device(method: Callable) -> Callable:
+    """Run a method of an object holding ``_xp`` and ``_device`` on that device."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with _on(self._xp, self._device):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
+def _first_array(values: Any) -> Any:
+    """The first array among ``values``, looking one level into tuples, lists and dicts."""
+    for v in values:
+        inner = v.values() if isinstance(v, Mapping) else v if isinstance(v, (tuple, list)) else ()
+        for a in (v, *inner):
+            if is_array_api_obj(a):
+                return a
+    return None
+
+
+def on_input_device(fn: Callable) -> Callable:
+    """Run ``fn`` on the device of its first array argument: a public entry point.
+
+    Every array a call creates, and every kernel it runs, then lands on the
+    device of its inputs: with CuPy arrays on GPU 1, nothing runs on GPU 0,
+    whichever device is current in the caller.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        a = _first_array((*args, *kwargs.values()))
+        with nullcontext() if a is None else _device_context(a):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def zeros(xp: ModuleType, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
@@ -160,7 +217,7 @@ class Backend:
     _load: Callable[[], Loaded]
 
     def load(self) -> Loaded:
-        return self._load()
+        return _checked_gpu(self.name, self._load) if self.gpu else self._load()
 
 
 # The extra of rnn-xp that installs each library.
@@ -180,6 +237,56 @@ def _import(module: str, what: str) -> ModuleType:
         raise BackendNotInstalled(
             f"{what} is not installed ({exc}); pip install {_EXTRAS[module]}"
         ) from None
+
+
+# Warnings a GPU library may give while it loads or first runs that rnn_xp
+# handles: (category name, start of the message, why it does no harm). A
+# loader that meets any other warning reports it as the reason the backend
+# cannot run (the test matrix runs with warnings as errors).
+_HANDLED_WARNINGS = (
+    (
+        "UserWarning",
+        "CUDA path could not be detected",
+        "CuPy's wheels find the CUDA libraries without CUDA_PATH; the kernel that "
+        "the loader then runs proves it",
+    ),
+    (
+        "UserWarning",
+        "Can't initialize NVML",
+        "torch uses NVML only for memory statistics, which rnn_xp does not read",
+    ),
+)
+
+
+def _handled(w: warnings.WarningMessage) -> bool:
+    text = str(w.message)
+    return any(
+        w.category.__name__ == category and text.startswith(start)
+        for category, start, _ in _HANDLED_WARNINGS
+    )
+
+
+def _checked_gpu(name: str, load: Callable[[], Loaded]) -> Loaded:
+    """``load()``, then a first matrix product and tanh, watched for warnings.
+
+    An exception of the library is a genuine failure and propagates. A warning
+    that `_HANDLED_WARNINGS` does not explain makes the backend unavailable,
+    with the warning's text as the reason.
+    """
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        loaded = load()
+        a = loaded.asarray(np.full((2, 2), 0.5, dtype=np.float32))
+        first = loaded.to_numpy(loaded.block(loaded.xp.tanh(a @ a)))
+    if not np.allclose(first, np.tanh(0.5), atol=1e-3):  # pragma: no cover - a broken GPU
+        raise RuntimeError(f"{name}: tanh of a first product gave {first.tolist()}")
+    for w in seen:
+        if not _handled(w):
+            where = f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}"
+            raise BackendUnavailable(
+                f"{name} warned while loading: {w.category.__name__}: {w.message} ({where})"
+            )
+    return loaded
 
 
 def _numpy(readonly: bool) -> Callable[[], Loaded]:
@@ -256,7 +363,7 @@ def _torch(device: str) -> Callable[[], Loaded]:
                 torch.cuda.synchronize(dev)
             return a
 
-        return Loaded(
+        loaded = Loaded(
             "torch" if dev.type == "cpu" else "torch:cuda",
             xp,
             dev,
@@ -264,6 +371,9 @@ def _torch(device: str) -> Callable[[], Loaded]:
             lambda a: a.detach().cpu().numpy(),
             block,
         )
+        if dev.type == "cuda":  # IEEE float32 in cuBLAS and cuDNN's RNNs (default TF32)
+            precision.set_float32_matmul("ieee", "torch")
+        return loaded
 
     return load
 
@@ -275,14 +385,14 @@ def _jax(platform: str) -> Callable[[], Loaded]:
         jax.config.update("jax_enable_x64", True)
         # Full float32 matmul precision: JAX uses TF32 on recent NVIDIA GPUs by
         # default, which would hide our own error behind the hardware's.
-        jax.config.update("jax_default_matmul_precision", "highest")
+        precision.set_float32_matmul("ieee", "jax")
         try:
             dev = jax.devices(platform)[0]
         except RuntimeError as exc:
             raise BackendUnavailable(f"JAX sees no {platform} device ({exc})") from None
         import jax.numpy as xp
 
-        return Loaded(
+        loaded = Loaded(
             "jax" if platform == "cpu" else "jax:gpu",
             xp,
             dev,
@@ -290,6 +400,7 @@ def _jax(platform: str) -> Callable[[], Loaded]:
             np.asarray,
             lambda a: a.block_until_ready(),
         )
+        return loaded
 
     return load
 
@@ -343,6 +454,8 @@ def _cupy(index: int = 0) -> Callable[[], Loaded]:
                 cp.cuda.get_current_stream().synchronize()
             return a
 
+        # IEEE float32 products, whatever CUPY_TF32 says.
+        precision.set_float32_matmul("ieee", "cupy")
         return Loaded("cupy", xp, dev, asarray, lambda a: a.get(), block)
 
     return load
@@ -369,10 +482,11 @@ BACKENDS: dict[str, Backend] = {
 def for_run(name: str, device: str | None = None) -> Loaded:
     """The backend ``rnn-xp run`` and ``rnn-xp train`` use: a library and a device.
 
-    ``device`` is a torch device string (``cpu``, ``cuda``, ``cuda:1``), a CuPy
-    GPU index (``1``, or ``cuda:1``), or a JAX platform (``cpu``, ``gpu``); None
-    means the library's default. A device that does not exist here raises
-    `BackendUnavailable` before anything is allocated on it.
+    ``device`` is a torch device string (``cpu``, ``cuda``, ``cuda:1``), a GPU
+    index (``1``, the same as ``cuda:1``, for CuPy and torch; ``cuda`` is CuPy's
+    GPU 0), or a JAX platform (``cpu``, ``gpu``); None means the library's
+    default. A device that does not exist here raises `BackendUnavailable`
+    before anything is allocated on it.
     """
     if device is not None and (not isinstance(device, str) or not device.strip()):
         raise BackendUnavailable(f"expected a device name such as cpu or cuda:0, got {device!r}")
@@ -381,19 +495,23 @@ def for_run(name: str, device: str | None = None) -> Loaded:
             raise BackendUnavailable(f"NumPy runs on the CPU only, not on {device!r}")
         return BACKENDS["numpy"].load()
     if name == "torch":
-        return _torch(device or "cpu")()
+        if device is not None and device.isdigit():  # a GPU index, as CuPy takes it
+            device = f"cuda:{device}"
+        load = _torch(device or "cpu")
+        return load() if (device or "cpu") == "cpu" else _checked_gpu("torch", load)
     if name == "jax":
         platforms = ("cpu", "gpu", "cuda", "rocm", "tpu")
         if device is not None and device not in platforms:
             raise BackendUnavailable(
                 f"JAX devices are platform names ({', '.join(platforms)}), not {device!r}"
             )
-        return _jax(device or "cpu")()
+        load = _jax(device or "cpu")
+        return load() if (device or "cpu") == "cpu" else _checked_gpu("jax", load)
     if name == "cupy":
-        text = "0" if device is None else device.removeprefix("cuda:")
+        text = "0" if device in (None, "cuda") else device.removeprefix("cuda:")
         if not text.isdigit():
             raise BackendUnavailable(
                 f"CuPy devices are GPU indices (0, 1, ... or cuda:N), not {device!r}"
             )
-        return _cupy(int(text))()
+        return _checked_gpu("cupy", _cupy(int(text)))
     raise BackendUnavailable(f"unknown backend {name!r}")

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from array_api_compat import array_namespace, device, is_array_api_obj
+import numpy as np
+from array_api_compat import array_namespace, device, is_array_api_obj, is_dask_namespace
 
 from ._backends import refusal
 
@@ -19,6 +20,7 @@ __all__ = [
     "check_bias",
     "check_shape",
     "common",
+    "common_chunked",
     "sum_to_shape",
 ]
 
@@ -30,12 +32,42 @@ def common(**arrays: Any) -> tuple[ModuleType, Any, Any]:
     argument. The namespace is inferred once here; the computation dtype is the
     result type of all the arrays, which must be real floating.
     """
+    return _common(arrays, op_by_op=True)
+
+
+def common_chunked(**arrays: Any) -> tuple[ModuleType, Any, Any]:
+    """`common` for a call that runs one task per Dask chunk: chunks of any library."""
+    return _common(arrays, op_by_op=False)
+
+
+def _common(arrays: dict[str, Any], op_by_op: bool) -> tuple[ModuleType, Any, Any]:
     given = {name: a for name, a in arrays.items() if a is not None}
     xp = _namespace(given)
     for name, a in given.items():
         _check_array(name, xp, a)
     dev = _common_device(given)
+    if op_by_op and is_dask_namespace(xp):
+        _numpy_chunks(given)
     return xp, xp.result_type(*given.values()), dev
+
+
+def _numpy_chunks(given: dict[str, Any]) -> None:
+    """Dask arrays that run op by op (training, backward) must hold NumPy chunks.
+
+    That path creates arrays with Dask's own functions, whose chunks are NumPy:
+    mixed with CuPy chunks they would fail inside a worker, far from the call.
+    Chunks of other libraries run only one task per chunk, in inference.
+    """
+    for name, a in given.items():
+        meta = getattr(a, "_meta", None)
+        if meta is not None and type(meta) is not np.ndarray:
+            kind = f"{type(meta).__module__}.{type(meta).__name__}"
+            raise TypeError(
+                f"{name}: a Dask array of {kind} chunks runs only where each chunk runs as "
+                "one task (rnn_forward, RNNLayer.forward, lstm_forward and gru_forward with "
+                "inference=True, Recurrent.forward(..., inference=True)); training and every "
+                "backward need NumPy chunks, or the arrays of that library themselves"
+            )
 
 
 def real_floating(**arrays: Any) -> None:

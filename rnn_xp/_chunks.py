@@ -8,6 +8,9 @@ with the generic, op-by-op path over Dask arrays.
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from array_api_compat import (
@@ -77,8 +80,12 @@ def on_dask_chunks(
                 f"{k}: expected an array of the same library as {name0} "
                 f"(dask.array, or NumPy for its chunks), got {got}"
             )
-        else:
+        elif isinstance(a, (type(None), bool, int, float, str)):
             whole[k] = a
+        else:
+            # One node of the graph, which every task shares: a worker receives
+            # it once, and `resident` moves it to the worker's device once.
+            whole[k] = dask.delayed(a, pure=True, traverse=False)
     task = dask.delayed(
         functools.partial(_on_chunk, fn, name0),
         nout=len(outputs) if len(outputs) > 1 else None,
@@ -110,8 +117,33 @@ def _on_chunk(fn, name0, **kwargs):
     chunk = kwargs[name0]
     xp = array_namespace(chunk)
     if not is_numpy_namespace(xp):  # CuPy chunks: weights sent as NumPy go to their GPU
+        dev = device(chunk)
         kwargs = {
-            k: asarray(xp, a, a.dtype, device(chunk)) if is_numpy_array(a) else a
+            k: resident(a, dev, lambda a=a: asarray(xp, a, getattr(xp, a.dtype.name), dev))
+            if is_numpy_array(a)
+            else a
             for k, a in kwargs.items()
         }
     return fn(**kwargs)
+
+
+_RESIDENT: dict[tuple[int, str], Any] = {}
+_RESIDENT_LOCK = threading.Lock()
+
+
+def resident(obj: Any, dev: Any, make: Callable[[], Any]) -> Any:
+    """``make()``, the copy of ``obj`` on ``dev``, made once per process while ``obj`` lives.
+
+    The tasks of one worker share the graph's objects (weights, a model), so
+    they move to the worker's device once, not once per chunk.
+    """
+    key = (id(obj), str(dev))
+    with _RESIDENT_LOCK:
+        if key in _RESIDENT:
+            return _RESIDENT[key]
+    made = make()
+    with _RESIDENT_LOCK:
+        if key not in _RESIDENT:
+            _RESIDENT[key] = made
+            weakref.finalize(obj, _RESIDENT.pop, key, None)
+        return _RESIDENT[key]

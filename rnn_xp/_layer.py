@@ -8,7 +8,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _checks, _chunks, _scan
-from ._backends import zeros
+from ._backends import on_input_device, zeros
 
 Array = Any
 
@@ -312,6 +312,7 @@ class Layer:
         for name in self._states:
             setattr(self, name, None)
 
+    @on_input_device
     def forward(self, xs: Array) -> Array:
         """Run the layer over ``xs`` of shape (N, T, D); return ``hs`` of shape (N, T, H)."""
         states0 = [getattr(self, n) if self.stateful else None for n in self._states]
@@ -327,6 +328,7 @@ class Layer:
             setattr(self, name, s)
         return hs
 
+    @on_input_device
     def backward(self, dhs: Array) -> Array:
         """Backpropagate ``dhs`` of shape (N, T, H); return ``dxs`` of shape (N, T, D)."""
         if self.cache is None:

@@ -1,7 +1,9 @@
 """The batch job: run a saved model over a .npy of sequences, chunk by chunk.
 
-`run_file` runs it in this process, reading the next chunk in a second thread
-while the current one computes. `run_file_distributed` runs it on a
+`run_file` runs it in this process: a second thread reads the next chunk and
+starts its copy to the device while the current one computes (`_transfer`:
+pinned buffers, a copy stream and events on CuPy and on torch with CUDA).
+`run_file_distributed` runs it on a
 ``dask.distributed`` cluster: one task per chunk, each reading its slice of the
 input (memory-mapped) on the worker, running the model there and writing its
 slice of the output. The input and output paths must then be visible to every
@@ -24,13 +26,13 @@ import os
 import shutil
 import stat
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import _transfer
 from ._backends import BackendNotInstalled, BackendUnavailable, for_run
 from .io import _NPY_HEAD, WeightsError, load, npy_header
 from .model import Recurrent, _dtype_name
@@ -85,7 +87,8 @@ def backend_for(name: str, device: str | None):
     """The backend ``name`` on ``device``, or a BatchError naming the option at fault.
 
     An install hint is given only when the library cannot be imported; a library
-    that is installed but cannot use the device says what is wrong instead.
+    that is installed but cannot use the device says what is wrong instead, and
+    so does a device that exists but fails (the library's RuntimeError).
     """
     if name not in BACKENDS:
         raise BatchError(f"--backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
@@ -96,6 +99,19 @@ def backend_for(name: str, device: str | None):
     except BackendUnavailable as exc:
         option = "--backend" if device is None else "--device"
         raise BatchError(f"{option}: {exc}") from None
+    except RuntimeError as exc:
+        if isinstance(exc, NotImplementedError):
+            raise
+        raise device_error(name, device, exc) from None
+
+
+def device_error(backend: str, device: str | None, exc: BaseException) -> BatchError:
+    """``exc``, raised by ``backend`` on ``device``, as one line naming the option at fault."""
+    option, where = (
+        ("--backend", "its default device") if device is None else ("--device", repr(device))
+    )
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return BatchError(f"{option}: {backend} fails on {where}: {text}")
 
 
 def physical_memory() -> int | None:
@@ -396,9 +412,10 @@ def check_space(path: str, option: str, needed: int) -> None:
 def _check_chunk_memory(B: int, T: int, D: int, G: int, F: int, itemsize: int) -> None:
     """One chunk in flight (and the next one read ahead) fits in this machine's memory."""
     memory = physical_memory()
-    # Two chunks of input (read ahead), one layer's input projection, a layer's
-    # input and output, the result copied back: an upper estimate per sequence.
-    needed = B * T * (3 * D + G + 3 * F) * itemsize
+    # Two staging buffers of input and, on a CPU backend, their two copies; one
+    # layer's input projection, a layer's output, the result copied back: an
+    # upper estimate per sequence.
+    needed = B * T * (4 * D + G + 3 * F) * itemsize
     if memory is not None and needed > memory:
         raise BatchError(
             f"--batch-size: a chunk of {B} sequences of T={T} needs about "
@@ -608,14 +625,18 @@ def _model(weights: str, version: tuple, backend: str, device: str | None, dtype
     return loaded, model
 
 
-def _compute(job: Job, start: int, stop: int, x=None, n=None):
-    """Forward one chunk; ``x`` and ``n`` if already read (and moved to the device)."""
+def _compute(job: Job, start: int, stop: int, x=None, n=None, to_numpy=None):
+    """Forward one chunk; ``x`` and ``n`` if already read (and moved to the device).
+
+    The results come back through ``to_numpy`` (default: the backend's own).
+    """
     loaded, model = _model(job.weights, _version(job.weights), job.backend, job.device, job.dtype)
     if x is None:
         x, n = _read(job, loaded, start, stop)
+    to_numpy = to_numpy or loaded.to_numpy
     out, h_n = model.forward(x, lengths=n, inference=True)
-    states = [loaded.to_numpy(h) for h in (h_n if job.lstm else (h_n,))]
-    return loaded.to_numpy(out), states
+    states = [to_numpy(h) for h in (h_n if job.lstm else (h_n,))]
+    return to_numpy(out), states
 
 
 def _read(job: Job, loaded, start: int, stop: int):
@@ -658,26 +679,65 @@ def run_file(job: Job, progress: Callable[[int], Any] | None = None) -> None:
     fails, its temporary outputs are removed and nothing else is written.
     """
     chunks = job.chunks()
-    with _outputs(job) as made:
+    transfer, staging = _on_device(job, chunks)
+    with contextlib.nullcontext() if staging is None else staging, _outputs(job) as made:
         files = {option: partial.array() for option, partial in made.items()}
-        if chunks:
-            _run_chunks(job, files, chunks, progress)
+        if staging is not None:
+            _run_chunks(job, files, staging, transfer, progress)
         del files  # unmapped before the rename
 
 
-def _run_chunks(job: Job, files: dict, chunks: list[tuple[int, int]], progress) -> None:
-    loaded, _ = _model(job.weights, _version(job.weights), job.backend, job.device, job.dtype)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        # Read (and move to the device) the next chunk while this one computes.
-        pending = pool.submit(_read, job, loaded, *chunks[0])
-        for i, (start, stop) in enumerate(chunks):
-            x, n = pending.result()
-            if i + 1 < len(chunks):
-                pending = pool.submit(_read, job, loaded, *chunks[i + 1])
-            out, states = _compute(job, start, stop, x, n)
-            _write(job, files, start, stop, out, states)
-            if progress is not None:
-                progress(stop - start)
+def _on_device(
+    job: Job, chunks: list[tuple[int, int]]
+) -> tuple[_transfer.Transfer, _transfer.Staging | None]:
+    """The model, the transfer and its staging buffers (None without chunks), before any file.
+
+    A device that passed `backend_for` but fails to take the model or the
+    buffers (busy, out of memory, a broken driver) is refused here, in one
+    line naming the option, and no output has been created.
+    """
+    try:
+        loaded, _ = _model(job.weights, _version(job.weights), job.backend, job.device, job.dtype)
+        transfer = _transfer.transfer_for(loaded)
+        if not chunks:
+            return transfer, None
+        fill, buffers = _staged_inputs(job)
+        return transfer, _transfer.Staging(transfer, fill, chunks, buffers)
+    except RuntimeError as exc:
+        if isinstance(exc, NotImplementedError):
+            raise
+        raise device_error(job.backend, job.device, exc) from None
+
+
+def _staged_inputs(job: Job):
+    """``fill(host, start, stop)``, writing rows ``start:stop`` of the inputs into the host
+    buffers of a chunk, and those buffers' ``(shape, dtype)`` for a full chunk."""
+    xs = np.load(job.input, mmap_mode="r")
+    ns = None if job.lengths is None else np.load(job.lengths, mmap_mode="r")
+    rows = min(job.batch_size, job.N)
+    buffers = [((rows, *xs.shape[1:]), np.dtype(job.dtype))]
+    if ns is not None:
+        buffers.append(((rows,), np.dtype(np.int64)))
+
+    def fill(host: tuple[np.ndarray, ...], start: int, stop: int) -> None:
+        np.copyto(host[0], xs[start:stop], casting="same_kind")
+        if ns is not None:
+            # Checked in prepare: integers in [1, T]; int64 whatever the file's dtype.
+            np.copyto(host[1], ns[start:stop], casting="unsafe")
+
+    return fill, buffers
+
+
+def _run_chunks(
+    job: Job, files: dict, staging: _transfer.Staging, transfer: _transfer.Transfer, progress
+) -> None:
+    for chunk in staging:
+        x, n = chunk.arrays if job.lengths is not None else (chunk.arrays[0], None)
+        out, states = _compute(job, chunk.start, chunk.stop, x, n, transfer.to_numpy)
+        chunk.release()  # the reader may refill its buffers while this chunk is written
+        _write(job, files, chunk.start, chunk.stop, out, states)
+        if progress is not None:
+            progress(chunk.stop - chunk.start)
 
 
 def run_file_distributed(

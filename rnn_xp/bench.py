@@ -21,8 +21,9 @@ back-to-back calls to fill 20 ms, after one untimed call):
 It prints best-of-R milliseconds, GFLOP/s and the ratio to ``limit`` and to
 ``torch.nn``, and, with ``--memory``, the tracemalloc peak of NumPy inference and
 training forwards. ``--gpu`` times rnn_xp on CuPy and on torch CUDA against
-``torch.nn`` (cuDNN) instead. Contenders whose library is missing are left out
-with a note.
+``torch.nn`` (cuDNN) instead, float32 in two tables: the FP32 table with IEEE
+float32 everywhere (cuDNN's TF32 off) and the TF32 table with TF32 allowed to
+every contender. Contenders whose library is missing are left out with a note.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 
 import rnn_xp
 from rnn_xp import _argtypes
+from rnn_xp.precision import float32_matmul
 
 KINDS = {"rnn_tanh": 1, "lstm": 4, "gru": 3}
 NOTEBOOK = (32, 16, 100, 100)
@@ -47,6 +49,11 @@ T_SWEEP = [(64, T, 256, 256) for T in (16, 64, 256)]
 N_SWEEP = [(N, 64, 256, 256) for N in (16, 64, 256)]
 SMOKE = [(3, 4, 5, 6)]
 GPU_SIZES = [NOTEBOOK, (1024, 128, 1024, 1024)]
+GPU_PRECISIONS = [
+    ("ieee", "  FP32 table: IEEE float32 in every contender (TF32 off in cuBLAS, cuDNN, CuPy)"),
+    ("tf32", "  TF32 table: every contender allowed TF32 (cuBLAS, cuDNN's RNNs, CuPy)"),
+]
+"""On the GPU, float32 is timed twice, like with like (`rnn_xp.precision`)."""
 
 
 def flops(kind: str, N: int, T: int, D: int, H: int, backward: bool) -> float:
@@ -285,6 +292,7 @@ def table(
     contenders: Sequence[Callable],
     rounds: int,
     budget_s: float,
+    label: str = "",
 ) -> list[str]:
     a = problem(kind, *size, dtype)
     fns, notes = {}, []
@@ -296,7 +304,7 @@ def table(
             continue
         fns.update(found)
     timings = best_of(fns, rounds, budget_s)
-    lines = [f"\n{kind}  N={size[0]} T={size[1]} D={size[2]} H={size[3]}  {dtype}"]
+    lines = [f"\n{kind}  N={size[0]} T={size[1]} D={size[2]} H={size[3]}  {dtype}{label}"]
     head = f"{'best ms':>10}{'GFLOP/s':>10}{'/limit':>9}{'/torch.nn':>11}"
     lines.append(f"  {'contender':<22}{'pass':<9}{head}")
     for (label, backward), t in timings.items():
@@ -457,11 +465,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for size in sizes:
         for dtype in dtypes:
-            for kind in kinds:
-                bound = [(lambda k, a, m=m: m(k, a, **extra_for.get(m, {}))) for m in contenders]
-                for m, b in zip(contenders, bound):
-                    b.__name__ = m.__name__
-                print("\n".join(table(kind, size, dtype, bound, args.rounds, args.budget)))
+            for mode, label in GPU_PRECISIONS if args.gpu and dtype == "float32" else [(None, "")]:
+                for kind in kinds:
+                    bound = [
+                        (lambda k, a, m=m: m(k, a, **extra_for.get(m, {}))) for m in contenders
+                    ]
+                    for m, b in zip(contenders, bound):
+                        b.__name__ = m.__name__
+                    with contextlib.nullcontext() if mode is None else float32_matmul(mode):
+                        lines = table(kind, size, dtype, bound, args.rounds, args.budget, label)
+                    print("\n".join(lines))
     if args.memory:
         for size in sizes:
             print("\n".join(memory_lines(size, dtypes[0])))

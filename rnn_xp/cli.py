@@ -171,8 +171,8 @@ def _parser() -> argparse.ArgumentParser:
         "--device",
         type=_argtypes.nonempty,
         default=None,
-        help="Where to compute: cpu or cuda:N (torch), a GPU index (cupy), cpu or gpu (jax). "
-        "Default: the library's default device.",
+        help="Where to compute: cpu, cuda or cuda:N (torch), a GPU index N or cuda:N "
+        "(cupy, torch), cpu or gpu (jax). Default: the library's default device.",
     )
     p.add_argument(
         "--dtype",
@@ -282,6 +282,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PNG",
         help="Draw the loss curve into this image file (.png, .pdf, .svg, .eps or .ps; "
         "extra plot). Default: not drawn.",
+    )
+    p.add_argument(
+        "--log-every",
+        type=_argtypes.positive,
+        default=10,
+        metavar="N",
+        help="Read the training loss from the device, and move the progress bar, every N "
+        "steps (on a GPU each read waits for the device); 1: every step. Default: 10.",
     )
     p.add_argument(
         "--no-progress", action="store_true", help="Hide the progress bar. Default: shown."
@@ -588,11 +596,14 @@ def train(args: argparse.Namespace) -> int:
             )
         else:
             print(f"resuming {checkpoint} at step {done} of {args.steps}")
-    bar = _progress(args.steps, "steps", disable=args.no_progress, initial=min(done, args.steps))
+    shown = min(done, args.steps)
+    bar = _progress(args.steps, "steps", disable=args.no_progress, initial=shown)
 
-    def progress(step: int, loss: float) -> None:
+    def progress(step: int, loss: float) -> None:  # called every --log-every steps
+        nonlocal shown
         bar.set_postfix(loss=f"{loss:.3f}")
-        bar.update(1)
+        bar.update(step - shown)
+        shown = step
 
     start = time.perf_counter()
     try:
@@ -607,6 +618,7 @@ def train(args: argparse.Namespace) -> int:
             progress=progress,
             checkpoint=checkpoint,
             resume=resume,
+            log_every=args.log_every,
         )
     except WeightsError as exc:  # writing the checkpoint failed
         raise CLIError(f"--checkpoint: {exc.detail}") from None

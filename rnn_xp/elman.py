@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from . import _checks, _chunks, _scan
-from ._backends import zeros
+from ._backends import on_input_device, zeros
 from ._layer import (
     Layer,
     cast,
@@ -105,6 +105,7 @@ def _check_cell(
     return xp, dtype
 
 
+@on_input_device
 def rnn_cell_forward(
     x: Array, h_prev: Array, Wx: Array, Wh: Array, b: Array | None, *, nonlinearity: str = "tanh"
 ) -> Array:
@@ -135,6 +136,7 @@ def rnn_cell_forward(
     return cell.activate(xp, a if b is None else a + b)
 
 
+@on_input_device
 def rnn_cell_backward(
     dh_next: Array,
     x: Array,
@@ -194,6 +196,7 @@ def _check_sequence(
     return xp, dtype, dev, N, T, H
 
 
+@on_input_device
 def rnn_forward(
     xs: Array,
     Wx: Array,
@@ -263,6 +266,7 @@ def _rnn_chunk(xs, Wx, Wh, b_whole, nonlinearity, h0=None, b=None):
     return rnn_forward(xs, Wx, Wh, b_whole if b is None else b, h0, nonlinearity=nonlinearity)[0]
 
 
+@on_input_device
 def rnn_backward(
     dhs: Array,
     xs: Array,
@@ -362,12 +366,14 @@ class RNN:
         Wx, Wh, *b = self.params
         return Wx, Wh, (b[0] if b else None)
 
+    @on_input_device
     def forward(self, x: Array, h_prev: Array) -> Array:
         """``act(h_prev @ Wh + x @ Wx + b)``; x (N, D), h_prev (N, H) -> (N, H)."""
         h_next = rnn_cell_forward(x, h_prev, *self._weights(), nonlinearity=self.nonlinearity)
         self.cache = (x, h_prev, h_next)
         return h_next
 
+    @on_input_device
     def backward(self, dh_next: Array) -> tuple[Array, Array]:
         """Return ``(dx, dh_prev)`` and set ``grads``; dh_next has shape (N, H)."""
         if self.cache is None:
@@ -423,6 +429,7 @@ class RNNLayer(Layer):
         super().__init__(_params(Wx, Wh, b), stateful)
         self.nonlinearity = nonlinearity
 
+    @on_input_device
     def set_state(self, h: Array) -> None:
         """Set the hidden state, shape (N, H), that a stateful layer starts from."""
         self._set_states(h=h)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _layer
+from ._backends import on_input_device
 from ._layer import Layer, SequenceCache, sigmoid
 
 Array = Any
@@ -69,6 +70,7 @@ CELL = GRUCell()
 BIASES = ("bx", "bh")
 
 
+@on_input_device
 def gru_cell_forward(
     x: Array, h_prev: Array, Wx: Array, Wh: Array, bx: Array | None, bh: Array | None
 ) -> Array:
@@ -81,6 +83,7 @@ def gru_cell_forward(
     return h_next
 
 
+@on_input_device
 def gru_cell_backward(
     dh_next: Array,
     x: Array,
@@ -97,6 +100,7 @@ def gru_cell_backward(
     return dx, dh_prev, dWx, dWh, dbx, dbh
 
 
+@on_input_device
 def gru_forward(
     xs: Array,
     Wx: Array,
@@ -132,6 +136,7 @@ def gru_forward(
     return hs, h_n, cache
 
 
+@on_input_device
 def gru_backward(
     dhs: Array, cache: SequenceCache, dh_n: Array | None = None
 ) -> tuple[Array, Array, Array, Array, Array | None, Array | None]:
@@ -168,12 +173,14 @@ class GRU:
         it = iter(biases)
         return Wx, Wh, *(next(it) if has else None for has in self._has)
 
+    @on_input_device
     def forward(self, x: Array, h_prev: Array) -> Array:
         """x (N, D), h_prev (N, H) -> h_next (N, H)."""
         h_next = gru_cell_forward(x, h_prev, *self._weights())
         self.cache = (x, h_prev)
         return h_next
 
+    @on_input_device
     def backward(self, dh_next: Array) -> tuple[Array, Array]:
         """Return ``(dx, dh_prev)`` and set ``grads``."""
         if self.cache is None:
@@ -208,6 +215,7 @@ class GRULayer(Layer):
 
     _weights = GRU._weights
 
+    @on_input_device
     def set_state(self, h: Array) -> None:
         """Set the hidden state, shape (N, H), that a stateful layer starts from."""
         self._set_states(h=h)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _layer
+from ._backends import on_input_device
 from ._layer import Layer, SequenceCache, sigmoid
 
 Array = Any
@@ -75,6 +76,7 @@ class LSTMCell:
 CELL = LSTMCell()
 
 
+@on_input_device
 def lstm_cell_forward(
     x: Array, h_prev: Array, c_prev: Array, Wx: Array, Wh: Array, b: Array | None
 ) -> tuple[Array, Array]:
@@ -99,6 +101,7 @@ def lstm_cell_forward(
     return h_next, c_next
 
 
+@on_input_device
 def lstm_cell_backward(
     dh_next: Array,
     dc_next: Array,
@@ -129,6 +132,7 @@ def lstm_cell_backward(
     return dx, dh_prev, dc_prev, dWx, dWh, db
 
 
+@on_input_device
 def lstm_forward(
     xs: Array,
     Wx: Array,
@@ -170,6 +174,7 @@ def lstm_forward(
     return hs, h_n, c_n, cache
 
 
+@on_input_device
 def lstm_backward(
     dhs: Array, cache: SequenceCache, dh_n: Array | None = None, dc_n: Array | None = None
 ) -> tuple[Array, Array, Array, Array, Array, Array | None]:
@@ -212,12 +217,14 @@ class LSTM:
         Wx, Wh, *b = self.params
         return Wx, Wh, (b[0] if b else None)
 
+    @on_input_device
     def forward(self, x: Array, h_prev: Array, c_prev: Array) -> tuple[Array, Array]:
         """x (N, D), h_prev and c_prev (N, H) -> ``(h_next, c_next)``."""
         out = lstm_cell_forward(x, h_prev, c_prev, *self._weights())
         self.cache = (x, h_prev, c_prev)
         return out
 
+    @on_input_device
     def backward(self, dh_next: Array, dc_next: Array) -> tuple[Array, Array, Array]:
         """Return ``(dx, dh_prev, dc_prev)`` and set ``grads``."""
         if self.cache is None:
@@ -257,6 +264,7 @@ class LSTMLayer(Layer):
 
     _weights = LSTM._weights
 
+    @on_input_device
     def set_state(self, h: Array, c: Array | None = None) -> None:
         """Set the states a stateful layer starts from; ``c=None`` means zeros."""
         self._set_states(h=h, c=c)

@@ -19,7 +19,7 @@ import numpy as np
 from array_api_compat import array_namespace, device, is_numpy_array
 
 from . import _checks, _chunks, _scan
-from ._backends import arange, asarray, check_dtype, zeros
+from ._backends import arange, asarray, check_dtype, on_input_device, on_model_device, zeros
 from ._layer import cast, result_dtype
 from .elman import ElmanCell
 from .gru import GRUCell
@@ -209,6 +209,7 @@ class Recurrent:
                 ) from None
         self._dtype = _floating(self._xp, dtype, self._device)
 
+    @on_model_device
     def astype(self, dtype: Any) -> Recurrent:
         """A copy of the model whose parameters are ``dtype`` (torch's ``module.to(dtype)``).
 
@@ -242,10 +243,12 @@ class Recurrent:
                     shapes[b_ih], shapes[b_hh] = (G * H,), (G * H,)
         return shapes
 
+    @on_model_device
     def state_dict(self) -> dict[str, Array]:
         """The parameters by torch's names, as arrays of the model's namespace."""
         return dict(self._params)
 
+    @on_model_device
     def load_state_dict(self, state: Mapping[str, Array]) -> None:
         """Replace the parameters; ``state`` must have exactly this model's keys and shapes.
 
@@ -316,6 +319,7 @@ class Recurrent:
     def _batch_major(self, xp: ModuleType, a: Array) -> Array:
         return a if self.batch_first else xp.permute_dims(a, (1, 0, 2))
 
+    @on_model_device
     def forward(
         self,
         xs: Array,
@@ -462,7 +466,7 @@ class Recurrent:
             # Every check of the forward, on the whole Dask arrays, before the
             # tasks (a task would report its chunk's sizes): one small compute
             # reads the lengths' range.
-            xp, _, dev = _checks.common(xs=xs, h0=h0, c0=c0)
+            xp, _, dev = _checks.common_chunked(xs=xs, h0=h0, c0=c0)
             _, T, _ = self._check_inputs(xp, dev, xs, h0, c0, lengths, mask)
             dtype = result_dtype(xs, self._params[self._names(0, 0)[0]], h0, c0)
             out = [(axis, (None, T, F) if self.batch_first else (T, None, F), dtype)]
@@ -586,6 +590,7 @@ class Recurrent:
 
     # -- backward --------------------------------------------------------------
 
+    @on_model_device
     def backward(self, dout: Array, dh_n: Array | tuple | None = None) -> Array:
         """Backpropagate through the last `forward`; return ``dxs``.
 
@@ -668,12 +673,15 @@ def _dtype_name(dtype: Any) -> str:
 
 def _model_chunk(xs, model, h0=None, c0=None, lengths=None, mask=None):
     """One batch chunk of a Dask input, run by the same `Recurrent.forward`."""
-    m = model._on(array_namespace(xs), device(xs))
+    xp, dev = array_namespace(xs), device(xs)
+    # NumPy parameters move to a GPU worker's device once, not once per chunk.
+    m = model if xp is model._xp else _chunks.resident(model, dev, lambda: model._on(xp, dev))
     state = (h0, c0) if h0 is not None and c0 is not None else h0
     out, h_n = m.forward(xs, state, lengths, mask, inference=True)
     return (out, *h_n) if isinstance(h_n, tuple) else (out, h_n)
 
 
+@on_input_device
 def from_torch(module: Any, like: Array | None = None) -> Recurrent:
     """A `Recurrent` with the parameters of a ``torch.nn.RNN``, ``LSTM`` or ``GRU``.
 

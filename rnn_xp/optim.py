@@ -2,18 +2,20 @@
 
 Both work on dicts of parameters and gradients of any supported library and
 return new parameter dicts; nothing is updated in place, so they run on JAX
-arrays too. The global gradient norm used for clipping is computed on the
-device; only the clipping decision needs it on the host, once per step.
+arrays too. Clipping never reads the gradient norm back to the host: the norm
+and the scale are 0-d arrays on the device, so a step queues its work without
+waiting for the device (on a GPU every read of a device value is a
+synchronisation), and Dask gradients stay lazy.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from array_api_compat import array_namespace
 
 from . import _checks
+from ._backends import on_input_device
 
 Array = Any
 
@@ -26,15 +28,63 @@ def _plain(arrays: dict[Any, Array]) -> None:
         _checks.real_floating(**{str(k): a})
 
 
-def clip_by_global_norm(grads: dict[str, Array], max_norm: float | None) -> tuple[dict, float]:
-    """Scale all gradients by ``max_norm / norm`` when their global L2 norm exceeds it."""
+@on_input_device
+def clip_by_global_norm(
+    grads: dict[Any, Array], max_norm: float | None
+) -> tuple[dict[Any, Array], Array]:
+    """Scale all gradients by ``max_norm / norm`` when their global L2 norm exceeds it.
+
+    Parameters
+    ----------
+    grads : dict of arrays
+        The gradients, of one library, any shapes, any real floating dtypes.
+    max_norm : float or None
+        The largest global norm let through; None: no clipping.
+
+    Returns
+    -------
+    clipped : dict of arrays
+        Each gradient times ``min(1, max_norm / (norm + 1e-12))``, in its own
+        dtype; ``grads`` itself when ``max_norm`` is None.
+    norm : array, shape ()
+        The global L2 norm of ``grads`` before clipping, a 0-d array of their
+        library, in float64 if any gradient is float64, else float32. It used
+        to be a Python float; ``float(norm)`` gives that, and waits for the
+        device.
+
+    Notes
+    -----
+    The scale is applied whether or not the norm exceeds ``max_norm`` (below
+    it, the scale is exactly 1), so that deciding never needs the norm on the
+    host.
+    """
     _plain(grads)  # np.matrix would square by matrix product
     xp = array_namespace(*grads.values())
-    norm = math.sqrt(sum(float(xp.sum(g * g)) for g in grads.values()))
-    if max_norm is None or norm <= max_norm:
+    # In float16 a square overflows from |g| = 256 on, and long sums of
+    # float16 or bfloat16 lose their small terms: square and sum in float32 at least.
+    wide = any(g.dtype == xp.float64 for g in grads.values())
+    acc = xp.float64 if wide else xp.float32
+    squares = [xp.sum(a * a) for a in (xp.astype(g, acc, copy=False) for g in grads.values())]
+    norm = xp.sqrt(xp.sum(xp.stack(squares)))
+    if max_norm is None:
         return grads, norm
-    scale = max_norm / (norm + 1e-12)
-    return {k: g * scale for k, g in grads.items()}, norm
+    # clip with a Python bound creates no array (CuPy would create it on the
+    # current device, which need not be the gradients').
+    scale = xp.clip(max_norm / (norm + 1e-12), max=1.0)
+    cast: dict[Any, Array] = {}  # the scale in each gradient's dtype, cast once per dtype
+    clipped = {}
+    for k, g in grads.items():
+        if g.dtype not in cast:
+            cast[g.dtype] = xp.astype(scale, g.dtype)
+        clipped[k] = g * cast[g.dtype]
+    return clipped, norm
+
+
+def _clipped(grads: dict[Any, Array], max_norm: float | None) -> dict[Any, Array]:
+    if max_norm is None:  # no norm to compute
+        _plain(grads)
+        return grads
+    return clip_by_global_norm(grads, max_norm)[0]
 
 
 class SGD:
@@ -43,9 +93,10 @@ class SGD:
     def __init__(self, lr: float = 0.1, max_norm: float | None = 5.0) -> None:
         self.lr, self.max_norm = lr, max_norm
 
+    @on_input_device
     def step(self, params: dict[str, Array], grads: dict[str, Array]) -> dict[str, Array]:
         _plain(params)
-        grads, _ = clip_by_global_norm(grads, self.max_norm)
+        grads = _clipped(grads, self.max_norm)
         return {k: p - self.lr * grads[k] for k, p in params.items()}
 
 
@@ -64,9 +115,10 @@ class Adam:
         self.m: dict[str, Array] = {}
         self.v: dict[str, Array] = {}
 
+    @on_input_device
     def step(self, params: dict[str, Array], grads: dict[str, Array]) -> dict[str, Array]:
         _plain(params)
-        grads, _ = clip_by_global_norm(grads, self.max_norm)
+        grads = _clipped(grads, self.max_norm)
         b1, b2 = self.betas
         self.t += 1
         new = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -211,10 +212,16 @@ def train_char_lm(
     checkpoint: Any = None,
     checkpoint_every: int = 100,
     resume: Checkpoint | None = None,
+    log_every: int = 10,
 ) -> tuple[TrainResult, Recurrent, dict]:
     """Train; return the result, the model and the readout ``{"W", "b"}``.
 
-    ``progress``, if given, is called as ``progress(step, loss)`` after each step.
+    The step losses stay on the device and are read to the host together,
+    once every ``log_every`` steps, before each checkpoint and after the last
+    step: on a GPU each read waits for the device, so a read per step would
+    stall the loop every step. ``progress``, if given, is called as
+    ``progress(step, loss)`` after each read, with the loss of that step;
+    ``log_every=1`` reads, and reports, every step.
     ``checkpoint``, a .npz or .safetensors path, is written every
     ``checkpoint_every`` steps and at the end: the model, the readout and the
     vocabulary, and everything needed to resume (see `Checkpoint`).
@@ -223,6 +230,8 @@ def train_char_lm(
     had not stopped; if it is already at ``steps`` or beyond, nothing is
     trained and the result reports the checkpoint's model.
     """
+    if isinstance(log_every, bool) or not isinstance(log_every, numbers.Integral) or log_every < 1:
+        raise ValueError(f"log_every: expected a positive integer, got {log_every!r}")
     settings = settings_of(hidden_size, seq_len, batch, lr, dtype, seed)
     if resume is not None and resume.mismatches(settings):
         diff = ", ".join(
@@ -255,8 +264,14 @@ def train_char_lm(
 
     stream_len = (len(train_ids) - 1) // batch
     starts = np.arange(batch) * stream_len
+    # The training text goes to the device once, one-hot (a few MB), and each
+    # step takes its batch from it there: an upload per step would wait for the
+    # device too (torch copies from pageable host memory synchronously).
+    text_1h = _one_hot(xp, asarray(xp, train_ids, None, dev), V, dt, dev)  # (len, V)
+    window = asarray(xp, starts[:, None] + np.arange(seq_len), None, dev)  # (batch, seq_len)
     result = TrainResult(vocab="".join(vocab))
     state, offset, first = None, 0, 1
+    pending: list = []  # this run's losses not yet read: 0-d arrays on the device
     if resume is not None:
         if {k: a.shape for k, a in resume.params.items()} != {
             k: tuple(a.shape) for k, a in params.items()
@@ -272,9 +287,9 @@ def train_char_lm(
     for step in range(first, steps + 1):
         if offset + seq_len > stream_len:  # a pass over the text is done: start again
             state, offset = None, 0
-        pos = starts[:, None] + offset + np.arange(seq_len)
-        x = _one_hot(xp, asarray(xp, train_ids[pos], None, dev), V, dt, dev)
-        y = _one_hot(xp, asarray(xp, train_ids[pos + 1], None, dev), V, dt, dev)
+        pos = xp.reshape(window + offset, (-1,))
+        x = xp.reshape(xp.take(text_1h, pos, axis=0), (batch, seq_len, V))
+        y = xp.reshape(xp.take(text_1h, pos + 1, axis=0), (batch, seq_len, V))
         offset += seq_len
 
         model.load_state_dict({k: v for k, v in params.items() if not k.startswith("readout.")})
@@ -286,10 +301,15 @@ def train_char_lm(
         model.backward(dlogits @ params["readout.W"].T)
         grads = model.grads | {"readout.W": out2.T @ d2, "readout.b": xp.sum(d2, axis=0)}
         params = optimizer.step(params, grads)
-        result.losses.append(float(loss))
-        if progress is not None:
-            progress(step, result.losses[-1])
-        if checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
+        pending.append(loss)
+        save = checkpoint is not None and (step % checkpoint_every == 0 or step == steps)
+        if step % log_every == 0 or step == steps or save:
+            # One transfer (one wait for the device) for all the losses since the last.
+            result.losses += backend.to_numpy(xp.stack(pending)).tolist()
+            pending.clear()
+            if progress is not None:
+                progress(step, result.losses[-1])
+        if save:
             train_state = {
                 "train.settings": np.frombuffer(
                     json.dumps({"kind": KIND, "version": VERSION, **settings}).encode(),

@@ -462,6 +462,11 @@ CASES = {
     "train-steps-text": Case(
         ["train", "--steps", "1e3"], "argument --steps: expected a positive", usage=True
     ),
+    "train-log-every-zero": Case(
+        ["train", "--log-every", "0"],
+        "argument --log-every: expected a positive integer, got 0",
+        usage=True,
+    ),
     "train-hidden-zero": Case(
         ["train", "--hidden-size", "0"], "argument --hidden-size: expected a positive", usage=True
     ),
@@ -980,6 +985,15 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(work, capsys):
     assert "3 steps" in first
 
 
+def test_the_log_interval_changes_no_checkpoint(work, capsys):
+    every = train(capsys, "--steps", "3", "--checkpoint", "a.npz", "--log-every", "1")
+    once = train(capsys, "--steps", "3", "--checkpoint", "b.npz", "--log-every", "2")
+    a, b = np.load("a.npz"), np.load("b.npz")
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert every.splitlines()[1] == once.splitlines()[1]  # the training losses reported
+
+
 def test_a_checkpoint_at_its_steps_only_reports(work, capsys):
     train(capsys, "--steps", "2", "--checkpoint", "c.npz")
     before = snapshot(work)
@@ -1133,3 +1147,158 @@ def test_a_terminated_run_removes_its_temporary_files(tmp_path):
     assert "Traceback" not in err
     assert not (tmp_path / "y.npy.partial").exists()
     assert not (tmp_path / "y.npy").exists()
+
+
+# -- device arguments, refused before any file exists -----------------------------------
+
+
+def _spy_on_outputs(monkeypatch) -> list[str]:
+    """The temporary outputs `rnn-xp run` creates from now on, even if it removes them."""
+    created: list[str] = []
+
+    class Spy(batch._Partial):
+        def __init__(self, option, path, *args):
+            created.append(path)
+            super().__init__(option, path, *args)
+
+    monkeypatch.setattr(batch, "_Partial", Spy)
+    return created
+
+
+def _machine(monkeypatch, world: str | None) -> None:
+    """Make this machine look like ``world``: one GPU for a library, or (skip) none."""
+    if world == "cupy-one-gpu":
+        monkeypatch.setitem(sys.modules, "cupy", fake_cupy(True, count=1))
+    elif world == "torch-one-gpu":
+        torch = pytest.importorskip("torch")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    else:
+        _skip_unless(world)
+
+
+DEVICE_REFUSALS = {
+    "cupy-1-of-one-gpu": (
+        ["cupy", "1"],
+        "cupy-one-gpu",
+        "--device: CuPy sees 1 CUDA GPU(s), 0 to 0; there is no GPU 1",
+    ),
+    "cupy-cuda:1-of-one-gpu": (
+        ["cupy", "cuda:1"],
+        "cupy-one-gpu",
+        "--device: CuPy sees 1 CUDA GPU(s), 0 to 0; there is no GPU 1",
+    ),
+    "cupy-1-not-installed": (["cupy", "1"], "no-cupy", "--backend: CuPy is not installed"),
+    "torch-cuda:1-of-one-gpu": (
+        ["torch", "cuda:1"],
+        "torch-one-gpu",
+        "--device: PyTorch sees 1 CUDA GPU(s), cuda:0 to cuda:0; there is no 'cuda:1'",
+    ),
+    "torch-cuda:1-without-gpu": (["torch", "cuda:1"], "no-cuda", "--device: PyTorch "),
+    "torch-cuda-without-gpu": (["torch", "cuda"], "no-cuda", "--device: PyTorch "),
+    "jax-gpu-without-gpu": (["jax", "gpu"], "no-jax-gpu", "--device: JAX sees no gpu device"),
+    "numpy-cuda": (["numpy", "cuda"], None, "--device: NumPy runs on the CPU only, not on 'cuda'"),
+}
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+@pytest.mark.parametrize(
+    ("device", "world", "message"), list(DEVICE_REFUSALS.values()), ids=list(DEVICE_REFUSALS)
+)
+def test_a_device_this_machine_lacks_is_one_line_before_any_file(
+    work, capsys, monkeypatch, command, device, world, message
+):
+    _machine(monkeypatch, world)
+    created = _spy_on_outputs(monkeypatch)
+    options = ["--backend", device[0], "--device", device[1]]
+    argv = (
+        run_args(*options, "--no-progress")
+        if command == "run"
+        else [*TRAIN, *options, "--checkpoint", "n.npz"]
+    )
+    before = snapshot(work)
+    rc, out, err = call(argv, capsys)
+    assert (rc, out) == (2, ""), err
+    assert err.startswith(f"rnn-xp: error: {message}"), err
+    assert err.endswith("\n"), err
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    if world == "no-cuda":
+        assert f"so it cannot use {device[1]!r}" in err
+    assert created == []  # not even for a moment
+    assert snapshot(work) == before
+
+
+BUSY = "CUDA error: all CUDA-capable devices are busy\nor unavailable"
+
+
+def _busy(*args):
+    raise RuntimeError(BUSY)
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_a_device_that_fails_when_first_used_is_one_line_before_any_file(
+    work, capsys, monkeypatch, command
+):
+    # A GPU that exists but cannot be used (busy, out of memory, a broken
+    # driver) fails with the library's RuntimeError.
+    monkeypatch.setattr(batch, "for_run", _busy)
+    created = _spy_on_outputs(monkeypatch)
+    options = ["--backend", "torch", "--device", "cuda:0"]
+    argv = run_args(*options) if command == "run" else [*TRAIN, *options, "--checkpoint", "n.npz"]
+    before = snapshot(work)
+    rc, _, err = call(argv, capsys)
+    assert rc == 2
+    assert err == (
+        "rnn-xp: error: --device: torch fails on 'cuda:0': CUDA error: all CUDA-capable "
+        "devices are busy or unavailable\n"
+    )
+    assert created == []
+    assert snapshot(work) == before
+
+
+def test_a_device_that_fails_to_take_the_model_is_refused_before_any_file(
+    work, capsys, monkeypatch
+):
+    # Found only when the model is put on the device: still before the outputs exist.
+    numpy = _backends.for_run("numpy")
+    monkeypatch.setattr(batch, "for_run", lambda name, device: numpy)
+    monkeypatch.setattr(batch, "_model", _busy)
+    created = _spy_on_outputs(monkeypatch)
+    before = snapshot(work)
+    rc, _, err = call(
+        run_args("--backend", "torch", "--device", "cuda:0", "--no-progress"), capsys
+    )
+    assert rc == 2
+    assert err == (
+        "rnn-xp: error: --device: torch fails on 'cuda:0': CUDA error: all CUDA-capable "
+        "devices are busy or unavailable\n"
+    )
+    assert created == []
+    assert snapshot(work) == before
+
+
+def test_a_read_error_mid_run_is_one_line_and_stops_the_reader(work, capsys, monkeypatch):
+    import threading
+
+    real = batch._staged_inputs
+
+    def failing(job):
+        fill, buffers = real(job)
+
+        def fill_or_fail(host, start, stop):
+            if start >= 4:
+                raise OSError(errno.EIO, "Input/output error", job.input)
+            fill(host, start, stop)
+
+        return fill_or_fail, buffers
+
+    monkeypatch.setattr(batch, "_staged_inputs", failing)
+    created = _spy_on_outputs(monkeypatch)
+    rc, out, err = call(run_args("--batch-size", "2", "--no-progress"), capsys)
+    assert (rc, out) == (1, "")
+    assert err == "rnn-xp: error: x.npy: Input/output error\n"
+    assert created == ["y.npy"]
+    assert not os.path.exists("y.npy.partial")
+    assert not os.path.exists("y.npy")
+    assert [t for t in threading.enumerate() if t.name == "rnn-xp reader"] == []

@@ -1,0 +1,187 @@
+"""Float32 matrix products on NVIDIA GPUs: IEEE float32, or TF32 by choice.
+
+Since Ampere, NVIDIA GPUs can run float32 matrix products on tensor cores in
+TF32, which keeps float32's range but rounds the operands to 10 mantissa bits
+(about 1e-3 relative), several times faster. Each library has its own default,
+and some differ by path:
+
+* torch: cuBLAS matrix products are IEEE float32 unless set otherwise (NVIDIA's
+  containers set ``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1``), but cuDNN's RNNs,
+  which ``torch.nn.LSTM`` uses, run in TF32 by default;
+* JAX: matrix products on GPU default to reduced precision;
+* CuPy: IEEE float32, unless ``CUPY_TF32=1`` was set.
+
+rnn_xp's own backends (`rnn_xp._backends`: the test matrix, ``rnn-xp run``,
+``rnn-xp check``) pin IEEE float32, so that a GPU result agrees with NumPy to
+float32's own tolerance. Opt into TF32 for speed, or back out, with::
+
+    from rnn_xp import precision
+    with precision.float32_matmul("tf32"):      # every library already imported
+        out, h_n = model.forward(xs)
+    precision.set_float32_matmul("ieee", "torch")  # from now on, torch only
+
+``NVIDIA_TF32_OVERRIDE=0`` in the environment turns TF32 off in every NVIDIA
+library, whatever is set here. On CPUs these settings change nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["LIBRARIES", "MODES", "float32_matmul", "get_float32_matmul", "set_float32_matmul"]
+
+MODES = ("ieee", "tf32")
+LIBRARIES = ("torch", "jax", "cupy")
+
+
+class _Torch:
+    # The fp32_precision flags (torch 2.9 and later) replace allow_tf32; torch
+    # raises when the two are mixed, so the old ones are used only without the new.
+    @staticmethod
+    def raw(torch: Any) -> Any:
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+            return (
+                torch.backends.cuda.matmul.fp32_precision,
+                torch.backends.cudnn.rnn.fp32_precision,
+            )
+        return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+    @staticmethod
+    def apply(torch: Any, raw: Any) -> None:
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+            matmul, rnn = raw
+            torch.backends.cuda.matmul.fp32_precision = matmul
+            torch.backends.cudnn.rnn.fp32_precision = rnn
+        else:  # pragma: no cover - torch before 2.9
+            flags = [r == "tf32" if isinstance(r, str) else r for r in raw]
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+    @staticmethod
+    def of(mode: str) -> Any:
+        return (mode, mode)
+
+    @staticmethod
+    def report(raw: Any) -> str:
+        matmul, rnn = ({True: "tf32", False: "ieee"}.get(r, r) for r in raw)
+        return matmul if matmul == rnn else f"{matmul} (cuBLAS), {rnn} (cuDNN RNN)"
+
+
+_JAX_NAMES = {"highest": "ieee", "float32": "ieee", "tensorfloat32": "tf32", "high": "tf32"}
+
+
+class _Jax:
+    @staticmethod
+    def raw(jax: Any) -> Any:
+        return jax.config.jax_default_matmul_precision
+
+    @staticmethod
+    def apply(jax: Any, raw: Any) -> None:
+        jax.config.update("jax_default_matmul_precision", raw)
+
+    @staticmethod
+    def of(mode: str) -> Any:
+        return {"ieee": "highest", "tf32": "tensorfloat32"}[mode]
+
+    @staticmethod
+    def report(raw: Any) -> str:
+        return "default" if raw is None else _JAX_NAMES.get(raw, str(raw))
+
+
+class _Cupy:
+    # CuPy reads CUPY_TF32 once, at its first float32 product; the compute
+    # type can be set at run time only through this module of its core.
+    @staticmethod
+    def _linalg() -> Any:
+        from cupy._core import _routines_linalg
+
+        return _routines_linalg
+
+    @classmethod
+    def raw(cls, cupy: Any) -> Any:
+        import numpy as np
+
+        return cls._linalg().get_compute_type(np.float32)
+
+    @classmethod
+    def apply(cls, cupy: Any, raw: Any) -> None:
+        import numpy as np
+
+        cls._linalg().set_compute_type(np.float32, raw)
+
+    @classmethod
+    def of(cls, mode: str) -> Any:
+        linalg = cls._linalg()
+        return linalg.COMPUTE_TYPE_TF32 if mode == "tf32" else linalg.COMPUTE_TYPE_DEFAULT
+
+    @classmethod
+    def report(cls, raw: Any) -> str:
+        return "tf32" if raw == cls._linalg().COMPUTE_TYPE_TF32 else "ieee"
+
+
+_KNOBS = {"torch": _Torch, "jax": _Jax, "cupy": _Cupy}
+
+
+def _libraries(libraries: tuple[str, ...]) -> dict[str, Any]:
+    """The named libraries, imported; with no names, those the process has imported."""
+    unknown = [name for name in libraries if name not in LIBRARIES]
+    if unknown:
+        raise ValueError(
+            f"libraries: expected some of {', '.join(LIBRARIES)}, got {', '.join(unknown)}"
+        )
+    if not libraries:
+        return {name: sys.modules[name] for name in LIBRARIES if name in sys.modules}
+    from ._backends import _import
+
+    found = {}
+    for name in libraries:
+        found[name] = _import(name, {"torch": "PyTorch", "jax": "JAX", "cupy": "CuPy"}[name])
+    return found
+
+
+def get_float32_matmul(*libraries: str) -> dict[str, str]:
+    """The float32 matrix-product mode of each library: ``'ieee'``, ``'tf32'`` or its default.
+
+    With no names: every library of `LIBRARIES` the process has imported.
+    torch reports cuBLAS and cuDNN's RNNs separately when they differ
+    (``'none'`` is its own default: IEEE for cuBLAS, TF32 for cuDNN's RNNs).
+    """
+    return {
+        name: _KNOBS[name].report(_KNOBS[name].raw(module))
+        for name, module in _libraries(libraries).items()
+    }
+
+
+def set_float32_matmul(mode: str, *libraries: str) -> dict[str, str]:
+    """Make float32 matrix products IEEE (``'ieee'``) or TF32 (``'tf32'``); the old modes.
+
+    ``libraries`` are names from `LIBRARIES`; with none, every one of them the
+    process has imported (a library imported later keeps its own default: name
+    it to import it now). The call changes process-wide settings of those
+    libraries and returns what they were, as `get_float32_matmul` reports them.
+    """
+    before = _set(mode, libraries)
+    return {name: _KNOBS[name].report(raw) for name, (_, raw) in before.items()}
+
+
+def _set(mode: str, libraries: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    modules = _libraries(libraries)
+    before = {name: (module, _KNOBS[name].raw(module)) for name, module in modules.items()}
+    for name, module in modules.items():
+        _KNOBS[name].apply(module, _KNOBS[name].of(mode))
+    return before
+
+
+@contextlib.contextmanager
+def float32_matmul(mode: str, *libraries: str) -> Iterator[dict[str, str]]:
+    """`set_float32_matmul` for the ``with`` block only: each setting comes back after it."""
+    before = _set(mode, libraries)
+    try:
+        yield {name: _KNOBS[name].report(raw) for name, (_, raw) in before.items()}
+    finally:
+        for name, (module, raw) in before.items():
+            _KNOBS[name].apply(module, raw)
