@@ -258,7 +258,14 @@ _HANDLED_WARNINGS = (
 )
 
 
+# Python hides these from users by default: they speak to the library's own
+# developers (a dependency's deprecation), not to a caller of rnn_xp.
+_QUIET = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
 def _handled(w: warnings.WarningMessage) -> bool:
+    if issubclass(w.category, _QUIET):
+        return True
     text = str(w.message)
     return any(
         w.category.__name__ == category and text.startswith(start)
@@ -495,7 +502,7 @@ def for_run(name: str, device: str | None = None) -> Loaded:
             raise BackendUnavailable(f"NumPy runs on the CPU only, not on {device!r}")
         return BACKENDS["numpy"].load()
     if name == "torch":
-        if device is not None and device.isdigit():  # a GPU index, as CuPy takes it
+        if device is not None and device.isascii() and device.isdigit():  # a GPU index
             device = f"cuda:{device}"
         load = _torch(device or "cpu")
         return load() if (device or "cpu") == "cpu" else _checked_gpu("torch", load)
@@ -509,7 +516,7 @@ def for_run(name: str, device: str | None = None) -> Loaded:
         return load() if (device or "cpu") == "cpu" else _checked_gpu("jax", load)
     if name == "cupy":
         text = "0" if device in (None, "cuda") else device.removeprefix("cuda:")
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise BackendUnavailable(
                 f"CuPy devices are GPU indices (0, 1, ... or cuda:N), not {device!r}"
             )

@@ -70,7 +70,8 @@ def on_dask_chunks(
         for k, (a, ax) in others.items()
     }
     blocks = {k: a.to_delayed().ravel() for k, (a, _) in aligned.items()}
-    whole = {}
+    whole: dict[str, Any] = {}
+    tokens: dict[str, str] = {}
     for k, a in (static or {}).items():
         if is_dask_array(a):
             whole[k] = a.rechunk(-1).to_delayed().ravel()[0]
@@ -85,9 +86,13 @@ def on_dask_chunks(
         else:
             # One node of the graph, which every task shares: a worker receives
             # it once, and `resident` moves it to the worker's device once.
-            whole[k] = dask.delayed(a, pure=True, traverse=False)
+            # The key is the content's token: weights changed in place are a
+            # new node, and a new copy on the device.
+            token = dask.base.tokenize(a)
+            whole[k] = dask.delayed(a, name=f"rnn-xp-{k}-{token}", traverse=False)
+            tokens[k] = token
     task = dask.delayed(
-        functools.partial(_on_chunk, fn, name0),
+        functools.partial(_on_chunk, fn, name0, tokens),
         nout=len(outputs) if len(outputs) > 1 else None,
         pure=True,
     )
@@ -108,7 +113,7 @@ def on_dask_chunks(
     return lazy
 
 
-def _on_chunk(fn, name0, **kwargs):
+def _on_chunk(fn, name0, tokens, **kwargs):
     """Call ``fn`` on one chunk, NumPy arguments moved into the chunk's library first."""
     from array_api_compat import array_namespace
 
@@ -119,7 +124,12 @@ def _on_chunk(fn, name0, **kwargs):
     if not is_numpy_namespace(xp):  # CuPy chunks: weights sent as NumPy go to their GPU
         dev = device(chunk)
         kwargs = {
-            k: resident(a, dev, lambda a=a: asarray(xp, a, getattr(xp, a.dtype.name), dev))
+            k: resident(
+                a,
+                dev,
+                lambda a=a: asarray(xp, a, getattr(xp, a.dtype.name), dev),
+                tokens.get(k),
+            )
             if is_numpy_array(a)
             else a
             for k, a in kwargs.items()
@@ -131,13 +141,16 @@ _RESIDENT: dict[tuple[int, str], Any] = {}
 _RESIDENT_LOCK = threading.Lock()
 
 
-def resident(obj: Any, dev: Any, make: Callable[[], Any]) -> Any:
+def resident(obj: Any, dev: Any, make: Callable[[], Any], token: str | None = None) -> Any:
     """``make()``, the copy of ``obj`` on ``dev``, made once per process while ``obj`` lives.
 
     The tasks of one worker share the graph's objects (weights, a model), so
-    they move to the worker's device once, not once per chunk.
+    they move to the worker's device once, not once per chunk. ``token``
+    names ``obj``'s content (Dask's token): an array changed in place since
+    gets a new copy. Without it, ``obj`` must not change while it lives (the
+    model each chunked call copies for its tasks).
     """
-    key = (id(obj), str(dev))
+    key = (id(obj) if token is None else token, str(dev))
     with _RESIDENT_LOCK:
         if key in _RESIDENT:
             return _RESIDENT[key]

@@ -38,35 +38,56 @@ LIBRARIES = ("torch", "jax", "cupy")
 
 
 class _Torch:
-    # The fp32_precision flags (torch 2.9 and later) replace allow_tf32; torch
-    # raises when the two are mixed, so the old ones are used only without the new.
+    """cuBLAS products and cuDNN (convolutions and RNNs), in both of torch's APIs.
+
+    torch 2.9 added per-operator ``fp32_precision`` flags beside the older
+    ``allow_tf32`` ones, and raises when code reads an old flag that the new
+    ones contradict. Each is set here, the old first (setting it resets the
+    new ones), so that code using either API reads what rnn_xp set.
+    """
+
     @staticmethod
     def raw(torch: Any) -> Any:
-        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-            return (
-                torch.backends.cuda.matmul.fp32_precision,
-                torch.backends.cudnn.rnn.fp32_precision,
-            )
-        return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        b = torch.backends
+        try:
+            cudnn = b.cudnn.allow_tf32
+        except RuntimeError:  # the two APIs already disagree: leave the old flag alone
+            cudnn = None
+        if not hasattr(b.cuda.matmul, "fp32_precision"):  # pragma: no cover - torch < 2.9
+            return (torch.get_float32_matmul_precision(), None, cudnn, None, None)
+        return (
+            torch.get_float32_matmul_precision(),
+            b.cuda.matmul.fp32_precision,
+            cudnn,
+            b.cudnn.conv.fp32_precision,
+            b.cudnn.rnn.fp32_precision,
+        )
 
     @staticmethod
     def apply(torch: Any, raw: Any) -> None:
-        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-            matmul, rnn = raw
-            torch.backends.cuda.matmul.fp32_precision = matmul
-            torch.backends.cudnn.rnn.fp32_precision = rnn
-        else:  # pragma: no cover - torch before 2.9
-            flags = [r == "tf32" if isinstance(r, str) else r for r in raw]
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        b = torch.backends
+        matmul, matmul_new, cudnn, conv, rnn = raw
+        torch.set_float32_matmul_precision(matmul)
+        if cudnn is not None:
+            b.cudnn.allow_tf32 = cudnn
+        if matmul_new is not None:
+            b.cuda.matmul.fp32_precision = matmul_new
+            b.cudnn.conv.fp32_precision = conv
+            b.cudnn.rnn.fp32_precision = rnn
 
     @staticmethod
     def of(mode: str) -> Any:
-        return (mode, mode)
+        tf32 = mode == "tf32"
+        return ("high" if tf32 else "highest", mode, tf32, mode, mode)
 
     @staticmethod
     def report(raw: Any) -> str:
-        matmul, rnn = ({True: "tf32", False: "ieee"}.get(r, r) for r in raw)
-        return matmul if matmul == rnn else f"{matmul} (cuBLAS), {rnn} (cuDNN RNN)"
+        matmul, matmul_new, cudnn, _, rnn = raw
+        if matmul_new in (None, "none"):
+            matmul_new = "ieee" if matmul == "highest" else "tf32"
+        if rnn in (None, "none"):
+            rnn = "unknown" if cudnn is None else "tf32" if cudnn else "ieee"
+        return matmul_new if matmul_new == rnn else f"{matmul_new} (cuBLAS), {rnn} (cuDNN RNN)"
 
 
 _JAX_NAMES = {"highest": "ieee", "float32": "ieee", "tensorfloat32": "tf32", "high": "tf32"}
@@ -75,6 +96,15 @@ _JAX_NAMES = {"highest": "ieee", "float32": "ieee", "tensorfloat32": "tf32", "hi
 class _Jax:
     @staticmethod
     def raw(jax: Any) -> Any:
+        """The process-wide value, under any ``jax.default_matmul_precision`` block."""
+        holder = getattr(jax.config, "_value_holders", {}).get("jax_default_matmul_precision")
+        if hasattr(holder, "get_global"):
+            return holder.get_global()
+        return jax.config.jax_default_matmul_precision  # pragma: no cover - other JAX
+
+    @staticmethod
+    def effective(jax: Any) -> Any:
+        """The value in force in this thread."""
         return jax.config.jax_default_matmul_precision
 
     @staticmethod
@@ -145,13 +175,16 @@ def get_float32_matmul(*libraries: str) -> dict[str, str]:
     """The float32 matrix-product mode of each library: ``'ieee'``, ``'tf32'`` or its default.
 
     With no names: every library of `LIBRARIES` the process has imported.
-    torch reports cuBLAS and cuDNN's RNNs separately when they differ
-    (``'none'`` is its own default: IEEE for cuBLAS, TF32 for cuDNN's RNNs).
+    torch reports cuBLAS and cuDNN's RNNs separately when they differ, as its
+    defaults do (IEEE for cuBLAS, TF32 for cuDNN's RNNs); JAX reports the
+    mode in force in this thread.
     """
-    return {
-        name: _KNOBS[name].report(_KNOBS[name].raw(module))
-        for name, module in _libraries(libraries).items()
-    }
+    return {name: _report(name, module) for name, module in _libraries(libraries).items()}
+
+
+def _report(name: str, module: Any) -> str:
+    knob = _KNOBS[name]
+    return knob.report(getattr(knob, "effective", knob.raw)(module))
 
 
 def set_float32_matmul(mode: str, *libraries: str) -> dict[str, str]:
@@ -162,8 +195,10 @@ def set_float32_matmul(mode: str, *libraries: str) -> dict[str, str]:
     it to import it now). The call changes process-wide settings of those
     libraries and returns what they were, as `get_float32_matmul` reports them.
     """
-    before = _set(mode, libraries)
-    return {name: _KNOBS[name].report(raw) for name, (_, raw) in before.items()}
+    modules = _libraries(libraries)
+    reports = {name: _report(name, module) for name, module in modules.items()}
+    _set(mode, libraries)
+    return reports
 
 
 def _set(mode: str, libraries: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
@@ -173,15 +208,36 @@ def _set(mode: str, libraries: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
     before = {name: (module, _KNOBS[name].raw(module)) for name, module in modules.items()}
     for name, module in modules.items():
         _KNOBS[name].apply(module, _KNOBS[name].of(mode))
+    jax = modules.get("jax")
+    if jax is not None and _Jax.effective(jax) != _Jax.of(mode):
+        _KNOBS["jax"].apply(jax, before["jax"][1])
+        raise ValueError(
+            "libraries: JAX's matmul precision is held for this thread by "
+            "jax.default_matmul_precision(...), which a process-wide setting cannot change; "
+            "use rnn_xp.precision.float32_matmul inside it"
+        )
     return before
 
 
 @contextlib.contextmanager
 def float32_matmul(mode: str, *libraries: str) -> Iterator[dict[str, str]]:
-    """`set_float32_matmul` for the ``with`` block only: each setting comes back after it."""
-    before = _set(mode, libraries)
-    try:
-        yield {name: _KNOBS[name].report(raw) for name, (_, raw) in before.items()}
-    finally:
-        for name, (module, raw) in before.items():
-            _KNOBS[name].apply(module, raw)
+    """`set_float32_matmul` for the ``with`` block only: each setting comes back after it.
+
+    For JAX this is ``jax.default_matmul_precision``, which holds in this
+    thread; torch's and CuPy's flags are process-wide.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    modules = _libraries(libraries)
+    with contextlib.ExitStack() as stack:
+        before = {}
+        for name, module in modules.items():
+            knob = _KNOBS[name]
+            raw = knob.raw(module)
+            before[name] = _report(name, module)
+            if name == "jax":
+                stack.enter_context(module.default_matmul_precision(knob.of(mode)))
+            else:
+                stack.callback(knob.apply, module, raw)
+                knob.apply(module, knob.of(mode))
+        yield before

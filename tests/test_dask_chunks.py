@@ -18,6 +18,7 @@ import pytest
 import rnn_xp
 from rnn_xp import _chunks
 
+dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 N, T, D, H = 6, 4, 3, 5
 
@@ -115,7 +116,29 @@ def test_numpy_weights_are_resident_in_the_chunks_library(monkeypatch):
 
     monkeypatch.setattr(backends, "asarray", counting)
     W = np.ones((D, H))
-    seen = [_chunks._on_chunk(lambda xs, W: W, "xs", xs=torch.ones(2, D), W=W) for _ in range(3)]
+    tokens = {"W": dask.base.tokenize(W)}
+    seen = [
+        _chunks._on_chunk(lambda xs, W: W, "xs", tokens, xs=torch.ones(2, D), W=W)
+        for _ in range(3)
+    ]
     assert moved == [(D, H)]
     assert all(s is seen[0] for s in seen)
     assert isinstance(seen[0], torch.Tensor)
+
+
+def test_weights_changed_in_place_are_moved_again():
+    """The copy is keyed by the weights' content (the graph's token), not their identity."""
+    torch = pytest.importorskip("torch")
+    W = np.ones((D, H))
+    xs = torch.ones(2, D, dtype=torch.float64)
+
+    def run():
+        return _chunks._on_chunk(
+            lambda xs, W: xs @ W, "xs", {"W": dask.base.tokenize(W)}, xs=xs, W=W
+        )
+
+    first = run()
+    W *= 10
+    second = run()
+    np.testing.assert_array_equal(first.numpy(), np.full((2, H), 3.0))
+    np.testing.assert_array_equal(second.numpy(), np.full((2, H), 30.0))

@@ -54,7 +54,7 @@ def test_the_context_restores_each_flag_exactly():
     torch.backends.cudnn.rnn.fp32_precision = "tf32"
     jax.config.update("jax_default_matmul_precision", None)
     before = precision.get_float32_matmul("torch", "jax")
-    assert before == {"torch": "none (cuBLAS), tf32 (cuDNN RNN)", "jax": "default"}
+    assert before == {"torch": "ieee (cuBLAS), tf32 (cuDNN RNN)", "jax": "default"}
     with precision.float32_matmul("ieee", "torch", "jax") as old:
         assert old == before
         assert precision.get_float32_matmul("torch", "jax") == {"torch": "ieee", "jax": "ieee"}
@@ -62,6 +62,41 @@ def test_the_context_restores_each_flag_exactly():
     with pytest.raises(KeyError), precision.float32_matmul("tf32", "torch"):
         raise KeyError("inside")
     assert precision.get_float32_matmul("torch") == {"torch": before["torch"]}
+
+
+@pytest.mark.parametrize("mode", precision.MODES)
+def test_torch_code_using_the_older_flags_reads_what_was_set(mode):
+    """torch raises when its allow_tf32 flags contradict the fp32_precision ones."""
+    precision.set_float32_matmul(mode, "torch")
+    assert torch.backends.cuda.matmul.allow_tf32 is (mode == "tf32")
+    assert torch.backends.cudnn.allow_tf32 is (mode == "tf32")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=mode == "tf32"):
+        pass
+    with precision.float32_matmul("tf32" if mode == "ieee" else "ieee", "torch"):
+        assert torch.backends.cudnn.allow_tf32 is (mode == "ieee")
+    assert torch.backends.cudnn.allow_tf32 is (mode == "tf32")
+
+
+def test_older_flags_set_by_the_caller_are_read_and_restored():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = False
+    assert precision.get_float32_matmul("torch") == {"torch": "tf32 (cuBLAS), ieee (cuDNN RNN)"}
+    with precision.float32_matmul("ieee", "torch"):
+        assert precision.get_float32_matmul("torch") == {"torch": "ieee"}
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+    assert torch.backends.cudnn.allow_tf32 is False
+
+
+def test_jax_context_is_this_threads_and_sees_a_thread_local_setting():
+    jax.config.update("jax_default_matmul_precision", None)
+    with jax.default_matmul_precision("tensorfloat32"):
+        with precision.float32_matmul("ieee", "jax") as before:
+            assert before == {"jax": "tf32"}
+            assert precision.get_float32_matmul("jax") == {"jax": "ieee"}
+        assert precision.get_float32_matmul("jax") == {"jax": "tf32"}
+        with pytest.raises(ValueError, match=r"^libraries: JAX's matmul precision is held"):
+            precision.set_float32_matmul("ieee", "jax")
+    assert jax.config.jax_default_matmul_precision is None
 
 
 def test_no_names_means_the_imported_libraries():
@@ -140,8 +175,13 @@ def test_an_unexplained_warning_makes_the_backend_unavailable_with_its_text():
 
 def test_a_warning_of_another_category_is_not_explained_by_its_text():
     text = "CUDA path could not be detected. Set CUDA_PATH"
-    with pytest.raises(BackendUnavailable, match="DeprecationWarning"):
-        _backends._checked_gpu("cupy", _warning_load(text, category=DeprecationWarning))
+    with pytest.raises(BackendUnavailable, match="FutureWarning"):
+        _backends._checked_gpu("cupy", _warning_load(text, category=FutureWarning))
+
+
+def test_warnings_python_hides_by_default_do_not_unload_a_backend():
+    load = _warning_load("a dependency's old API", category=DeprecationWarning)
+    assert _backends._checked_gpu("cupy", load).name == "numpy"
 
 
 def test_a_handled_warning_loads_and_stays_quiet():
