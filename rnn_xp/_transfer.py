@@ -36,7 +36,13 @@ a chunk and, on a GPU, a device buffer per array:
 A failure in the reader is raised in the consumer, as the very exception, when
 the consumer asks for the chunk that failed; leaving `Staging` (normally or by
 an exception) stops the reader, joins it, and waits for the copies still in
-flight before the buffers can be freed.
+flight before the buffers can be freed. Leaving by an exception waits for the
+reader only a moment (``stop_timeout``) where that is safe: with the synchronous
+`Transfer` a reader stuck in a hung read is left behind (a daemon thread,
+holding its own references to the host buffers it fills), so that Ctrl-C or
+SIGTERM ends the process; with a GPU transfer the reader, once its read
+returned, would start a copy into device memory that may have been freed, so
+it is always joined.
 """
 
 from __future__ import annotations
@@ -70,13 +76,18 @@ class Transfer:
 
     A copy is ``loaded.asarray`` (a fresh array on the backend, done when it
     returns), so every event is None and waiting is a no-op. Subclasses with
-    streams override every method but `host_empty` perhaps.
+    streams override every method but `host_empty` perhaps, and set
+    `asynchronous`.
 
     Parameters
     ----------
     loaded : rnn_xp._backends.Loaded
         The backend.
     """
+
+    asynchronous = False
+    """Whether copies write into `device_empty` buffers after `copy` returned: then a
+    reader must never outlive `Staging`, whose buffers it would write into."""
 
     def __init__(self, loaded: Any) -> None:
         self.loaded = loaded
@@ -124,6 +135,8 @@ class CupyTransfer(Transfer):
     object (the main thread, where the model runs): CuPy's legacy default
     stream, or that thread's own per-thread default stream.
     """
+
+    asynchronous = True
 
     def __init__(self, loaded: Any) -> None:
         import cupy
@@ -180,6 +193,8 @@ class TorchCudaTransfer(Transfer):
     caching allocator never hands them to another stream (no ``record_stream``
     needed).
     """
+
+    asynchronous = True
 
     def __init__(self, loaded: Any) -> None:
         import torch
@@ -254,7 +269,10 @@ class Chunk:
 
     On a GPU the arrays are views of a slot's device buffers: they are valid
     until the chunk is released (`release`, or asking `Staging` for the next
-    chunk). The synchronous `Transfer` makes fresh arrays.
+    chunk). The synchronous `Transfer` makes fresh arrays. Releasing the chunk
+    drops its arrays (``arrays`` becomes empty), so that a chunk's copy on the
+    backend is freed once the caller drops its own references, not kept alive
+    while the next chunks are staged.
     """
 
     start: int
@@ -267,6 +285,7 @@ class Chunk:
     def release(self) -> None:
         """Hand the buffers back for the chunk after next; the compute submitted so far may
         still be running (the next copy into them waits for it)."""
+        self.arrays = ()
         if self._slot is not None:
             slot, self._slot = self._slot, None
             self._release(slot)
@@ -294,6 +313,14 @@ class Staging:
         One per input: the shape of a full chunk (its rows first) and its dtype.
     slots : int
         How many chunks may be staged at once (2: double buffering).
+    close_source : callable, optional
+        Called once ``fill`` will be called no more: by the reader as it ends
+        (having read every chunk, stopped or failed), or by `close` if the
+        reader never started. It closes the files ``fill`` reads.
+    stop_timeout : float
+        Seconds to wait for the reader when leaving by an exception, where the
+        transfer is synchronous (`Transfer.asynchronous`); a reader still in
+        ``fill`` then is left behind, and calls ``close_source`` when it ends.
 
     The buffers are allocated here, in the caller's thread; the reader starts
     on ``with``. Iterating yields `Chunk` in order, each ready to be used by
@@ -307,10 +334,13 @@ class Staging:
         chunks: Sequence[tuple[int, int]],
         buffers: Sequence[tuple[tuple[int, ...], Any]],
         slots: int = 2,
+        close_source: Callable[[], None] | None = None,
+        stop_timeout: float = 1.0,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots: expected at least 1, got {slots}")
         self._transfer, self._fill, self._chunks = transfer, fill, list(chunks)
+        self._close_source, self._stop_timeout = close_source, stop_timeout
         self._slots = []
         for _ in range(slots):
             host = tuple(transfer.host_empty(shape, dtype) for shape, dtype in buffers)
@@ -336,9 +366,10 @@ class Staging:
         if kind is None:
             self.close()
         else:
-            # Already failing: the cleanup must not hide why.
+            # Already failing: the cleanup must not hide why, nor wait for ever
+            # on a read that hangs.
             with contextlib.suppress(Exception):
-                self.close()
+                self.close(timeout=self._stop_timeout)
 
     def __iter__(self) -> Iterator[Chunk]:
         for _ in self._chunks:
@@ -368,12 +399,28 @@ class Staging:
                 self._ready.put(Chunk(start, stop, arrays, slot.copied, slot, self._release))
         except BaseException as exc:  # raised again in the consumer's thread
             self._ready.put(_Failed(exc))
+        finally:
+            self._source_done()
 
-    def close(self) -> None:
-        """Stop the reader, wait for it, and for every copy still in flight."""
+    def _source_done(self) -> None:
+        close, self._close_source = self._close_source, None
+        if close is not None:
+            close()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the reader, wait for it, and for every copy still in flight.
+
+        With a ``timeout`` and a synchronous transfer, a reader that has not
+        ended by then is left behind (see `Staging`); an asynchronous transfer
+        always waits for it.
+        """
         self._stopping.set()
         self._free.put(None)  # wakes a reader waiting for a free slot
-        if self._thread.ident is not None:
-            self._thread.join()
+        if self._thread.ident is None:
+            self._source_done()
+        else:
+            self._thread.join(None if self._transfer.asynchronous else timeout)
+            if self._thread.is_alive():
+                return  # stuck in fill; it writes only into host arrays it holds
         for slot in self._slots:  # no copy may still write into buffers about to be freed
             self._transfer.synchronize(slot.copied)

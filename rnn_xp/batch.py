@@ -2,7 +2,10 @@
 
 `run_file` runs it in this process: a second thread reads the next chunk and
 starts its copy to the device while the current one computes (`_transfer`:
-pinned buffers, a copy stream and events on CuPy and on torch with CUDA).
+pinned buffers, a copy stream and events on CuPy and on torch with CUDA). It
+reads the inputs through the files it opened at the start, never memory-mapped:
+a mapped file truncated under the run kills the process (SIGBUS) at the first
+read past its new end, where a read says so.
 `run_file_distributed` runs it on a
 ``dask.distributed`` cluster: one task per chunk, each reading its slice of the
 input (memory-mapped) on the worker, running the model there and writing its
@@ -22,6 +25,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import math
 import os
 import shutil
 import stat
@@ -37,7 +41,14 @@ from ._backends import BackendNotInstalled, BackendUnavailable, for_run
 from .io import _NPY_HEAD, WeightsError, load, npy_header
 from .model import Recurrent, _dtype_name
 
-__all__ = ["BatchError", "prepare", "run_file", "run_file_distributed"]
+__all__ = [
+    "BatchError",
+    "InputChanged",
+    "RunFailed",
+    "prepare",
+    "run_file",
+    "run_file_distributed",
+]
 
 BACKENDS = ("numpy", "torch", "jax", "cupy")
 FLOAT_DTYPES = ("float16", "float32", "float64")
@@ -45,6 +56,19 @@ FLOAT_DTYPES = ("float16", "float32", "float64")
 
 class BatchError(ValueError):
     """A problem with the job's inputs; its message is one line for the user."""
+
+
+class InputChanged(OSError):
+    """An input file changed in place during the run (truncated, or written to).
+
+    ``filename`` is the file, ``strerror`` says what changed.
+    """
+
+
+class RunFailed(RuntimeError):
+    """The backend failed during the work of `run_file` (a device error, out of
+    device memory); its message is one line for the user, its cause the
+    backend's own exception."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +84,7 @@ class Job:
     device: str | None
     N: int
     T: int
+    D: int  # input features
     F: int  # output features, num_directions * H
     S: int  # num_layers * num_directions
     H: int
@@ -371,7 +396,10 @@ def prepare(
     needed = itemsize * (N * T * F + (int(np.prod(state_shape)) if state_out else 0))
     for option, path in outputs.items():
         check_space(path, option, needed)
-    _check_chunk_memory(min(batch_size, N), T, D, head.cell.gates * H, F, itemsize)
+    # A chunk is read through a scratch buffer in the file's own dtype unless it
+    # lands in the staging buffer as it is (C order, the computation's dtype).
+    scratch = xs.dtype.itemsize if np.isfortran(xs) or xs.dtype != np.dtype(name) else 0
+    _check_chunk_memory(min(batch_size, N), T, D, head.cell.gates * H, F, itemsize, scratch)
     return Job(
         weights=str(weights),
         input=str(input),
@@ -384,6 +412,7 @@ def prepare(
         device=device,
         N=N,
         T=T,
+        D=D,
         F=F,
         S=S,
         H=H,
@@ -409,13 +438,18 @@ def check_space(path: str, option: str, needed: int) -> None:
         )
 
 
-def _check_chunk_memory(B: int, T: int, D: int, G: int, F: int, itemsize: int) -> None:
+def _check_chunk_memory(
+    B: int, T: int, D: int, G: int, F: int, itemsize: int, scratch_itemsize: int = 0
+) -> None:
     """One chunk in flight (and the next one read ahead) fits in this machine's memory."""
     memory = physical_memory()
-    # Two staging buffers of input and, on a CPU backend, their two copies; one
+    # Input: the two staging buffers and, on a CPU backend, two copies of the
+    # chunk on the backend (the one computing, the next one read ahead; a
+    # released chunk's copy is dropped before the reader stages the one after),
+    # and the reader's scratch buffer if it needs one (`_NpyRows`). Then one
     # layer's input projection, a layer's output, the result copied back: an
     # upper estimate per sequence.
-    needed = B * T * (4 * D + G + 3 * F) * itemsize
+    needed = B * T * ((4 * D + G + 3 * F) * itemsize + D * scratch_itemsize)
     if memory is not None and needed > memory:
         raise BatchError(
             f"--batch-size: a chunk of {B} sequences of T={T} needs about "
@@ -680,11 +714,25 @@ def run_file(job: Job, progress: Callable[[int], Any] | None = None) -> None:
     """
     chunks = job.chunks()
     transfer, staging = _on_device(job, chunks)
-    with contextlib.nullcontext() if staging is None else staging, _outputs(job) as made:
-        files = {option: partial.array() for option, partial in made.items()}
-        if staging is not None:
-            _run_chunks(job, files, staging, transfer, progress)
-        del files  # unmapped before the rename
+    try:
+        with contextlib.nullcontext() if staging is None else staging, _outputs(job) as made:
+            files = {option: partial.array() for option, partial in made.items()}
+            if staging is not None:
+                _run_chunks(job, files, staging, transfer, progress)
+            del files  # unmapped before the rename
+    except RuntimeError as exc:  # the outputs are removed by now
+        if isinstance(exc, NotImplementedError | RunFailed):
+            raise
+        raise _run_failed(job, exc) from exc
+
+
+def _run_failed(job: Job, exc: RuntimeError) -> RunFailed:
+    """The backend's ``exc``, raised during the work, as one line naming the backend."""
+    where = job.backend if job.device is None else f"{job.backend} on {job.device!r}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if "out of memory" in text.lower() or "RESOURCE_EXHAUSTED" in text:
+        text += "; a smaller --batch-size needs less memory"
+    return RunFailed(f"{where} failed during the run: {text}")
 
 
 def _on_device(
@@ -701,8 +749,12 @@ def _on_device(
         transfer = _transfer.transfer_for(loaded)
         if not chunks:
             return transfer, None
-        fill, buffers = _staged_inputs(job)
-        return transfer, _transfer.Staging(transfer, fill, chunks, buffers)
+        fill, buffers, close = _staged_inputs(job)
+        try:
+            return transfer, _transfer.Staging(transfer, fill, chunks, buffers, close_source=close)
+        except BaseException:
+            close()
+            raise
     except RuntimeError as exc:
         if isinstance(exc, NotImplementedError):
             raise
@@ -711,21 +763,126 @@ def _on_device(
 
 def _staged_inputs(job: Job):
     """``fill(host, start, stop)``, writing rows ``start:stop`` of the inputs into the host
-    buffers of a chunk, and those buffers' ``(shape, dtype)`` for a full chunk."""
-    xs = np.load(job.input, mmap_mode="r")
-    ns = None if job.lengths is None else np.load(job.lengths, mmap_mode="r")
+    buffers of a chunk; those buffers' ``(shape, dtype)`` for a full chunk; and ``close()``,
+    closing the input files, opened here.
+
+    The lengths (checked in `prepare`: integers in [1, T]) arrive as int64 whatever
+    the file's dtype.
+    """
     rows = min(job.batch_size, job.N)
-    buffers = [((rows, *xs.shape[1:]), np.dtype(job.dtype))]
-    if ns is not None:
-        buffers.append(((rows,), np.dtype(np.int64)))
+    with contextlib.ExitStack() as opened:
+        xs = opened.enter_context(_NpyRows(job.input, (job.N, job.T, job.D), "f", rows))
+        buffers = [((rows, job.T, job.D), np.dtype(job.dtype))]
+        ns = None
+        if job.lengths is not None:
+            ns = opened.enter_context(_NpyRows(job.lengths, (job.N,), "iu", rows))
+            buffers.append(((rows,), np.dtype(np.int64)))
+        close = opened.pop_all().close
 
     def fill(host: tuple[np.ndarray, ...], start: int, stop: int) -> None:
-        np.copyto(host[0], xs[start:stop], casting="same_kind")
+        xs.read(host[0], start, stop, casting="same_kind")
         if ns is not None:
-            # Checked in prepare: integers in [1, T]; int64 whatever the file's dtype.
-            np.copyto(host[1], ns[start:stop], casting="unsafe")
+            ns.read(host[1], start, stop, casting="unsafe")
 
-    return fill, buffers
+    return fill, buffers, close
+
+
+class _NpyRows:
+    """Rows of a .npy file, read through the file opened once (never memory-mapped).
+
+    A file removed, renamed or replaced by another under its name is still
+    read whole: this is the file that was opened. One changed in place is
+    refused with `InputChanged`: a read that ends early (the file was
+    truncated), or a size or modification time that differs from the one at
+    the start, checked after every read.
+
+    Parameters
+    ----------
+    path : str
+        The file; its header must still say ``shape`` and a dtype of one of
+        the ``kinds`` (as `prepare` checked), or `InputChanged`.
+    rows : int
+        The most rows one `read` reads (the scratch buffer's size).
+    """
+
+    def __init__(self, path: str, shape: tuple[int, ...], kinds: str, rows: int) -> None:
+        self.path = path
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close)
+        try:
+            st = os.fstat(self._file.fileno())
+            self._stamp = (st.st_size, st.st_mtime_ns)
+            head = np.empty(min(_NPY_HEAD, st.st_size), np.uint8)
+            self._read_at(0, head, "its header lies")
+            try:
+                dtype, found, fortran, self._offset = npy_header(head.tobytes(), st.st_size)
+            except ValueError as exc:
+                raise self._changed(f"since it was checked: now it {exc}") from None
+            if found != shape or dtype.kind not in kinds:
+                raise self._changed(f"since it was checked: now {dtype} of shape {found}")
+        except BaseException:
+            self.close()
+            raise
+        self.dtype, self.shape = dtype, shape
+        # In Fortran order (which differs from C order only with two axes
+        # longer than 1, as for `numpy.isfortran`) the rows of a chunk are one
+        # run of bytes per column.
+        self._fortran = fortran and sum(n > 1 for n in shape) > 1
+        self._scratch: np.ndarray | None = None
+        self._rows = rows
+
+    def __enter__(self) -> _NpyRows:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _changed(self, what: str) -> InputChanged:
+        return InputChanged(errno.EIO, f"changed {what}", self.path)
+
+    def _read_at(self, offset: int, out: np.ndarray, what: str) -> None:
+        """Fill the contiguous ``out`` with the file's bytes from ``offset``."""
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(view):
+            self._file.seek(offset + done)
+            n = self._file.readinto(view[done:])
+            if not n:
+                size = os.fstat(self._file.fileno()).st_size
+                raise self._changed(
+                    f"during the run: truncated to {size} bytes; {what} past its end"
+                )
+            done += n
+
+    def read(self, out: np.ndarray, start: int, stop: int, casting: str) -> None:
+        """Rows ``start:stop`` into ``out`` (C-contiguous, ``stop - start`` rows), cast."""
+        rows, rest = stop - start, self.shape[1:]
+        what = f"rows {start}:{stop} lie"
+        row_bytes = math.prod(rest) * self.dtype.itemsize
+        if not self._fortran and out.dtype == self.dtype and out.flags.c_contiguous:
+            self._read_at(self._offset + start * row_bytes, out, what)
+        else:
+            if self._scratch is None:
+                self._scratch = np.empty((math.prod(rest), self._rows), self.dtype)
+            if self._fortran:
+                # The file holds the array transposed, shape reversed, in C order:
+                # column k of the rows, k over the other axes, starts at k * N + start.
+                N, size = self.shape[0], self.dtype.itemsize
+                for k, column in enumerate(self._scratch[:, :rows]):
+                    self._read_at(self._offset + (k * N + start) * size, column, what)
+                rows_read = self._scratch[:, :rows].reshape(*rest[::-1], rows).transpose()
+            else:
+                flat = self._scratch.reshape(-1)[: rows * math.prod(rest)]
+                self._read_at(self._offset + start * row_bytes, flat, what)
+                rows_read = flat.reshape(rows, *rest)
+            np.copyto(out, rows_read, casting=casting)
+        st = os.fstat(self._file.fileno())
+        if (st.st_size, st.st_mtime_ns) != self._stamp:
+            raise self._changed(
+                "during the run: written to (its size or modification time changed)"
+            )
 
 
 def _run_chunks(
@@ -734,7 +891,11 @@ def _run_chunks(
     for chunk in staging:
         x, n = chunk.arrays if job.lengths is not None else (chunk.arrays[0], None)
         out, states = _compute(job, chunk.start, chunk.stop, x, n, transfer.to_numpy)
-        chunk.release()  # the reader may refill its buffers while this chunk is written
+        # The reader may refill its buffers while this chunk is written; this
+        # chunk's copy on the backend is freed now, not kept alive by ``x``
+        # while the next ones are staged (`_check_chunk_memory` counts two).
+        del x, n
+        chunk.release()
         _write(job, files, chunk.start, chunk.stop, out, states)
         if progress is not None:
             progress(chunk.stop - chunk.start)

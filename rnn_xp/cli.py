@@ -25,6 +25,7 @@ from . import _argtypes
 from ._backends import BackendUnavailable
 from .batch import (
     BatchError,
+    RunFailed,
     backend_for,
     check_not_an_input,
     check_output_path,
@@ -322,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(exc)
     except (ValueError, TypeError) as exc:  # a last resort: still one line
         return _error(exc)
+    except RunFailed as exc:  # `run`'s backend, during the work (a device error)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     except MemoryError:
         print(f"{PROG}: error: out of memory", file=sys.stderr)
         return 1

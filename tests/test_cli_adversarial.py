@@ -1284,14 +1284,14 @@ def test_a_read_error_mid_run_is_one_line_and_stops_the_reader(work, capsys, mon
     real = batch._staged_inputs
 
     def failing(job):
-        fill, buffers = real(job)
+        fill, buffers, close = real(job)
 
         def fill_or_fail(host, start, stop):
             if start >= 4:
                 raise OSError(errno.EIO, "Input/output error", job.input)
             fill(host, start, stop)
 
-        return fill_or_fail, buffers
+        return fill_or_fail, buffers, close
 
     monkeypatch.setattr(batch, "_staged_inputs", failing)
     created = _spy_on_outputs(monkeypatch)
@@ -1302,3 +1302,298 @@ def test_a_read_error_mid_run_is_one_line_and_stops_the_reader(work, capsys, mon
     assert not os.path.exists("y.npy.partial")
     assert not os.path.exists("y.npy")
     assert [t for t in threading.enumerate() if t.name == "rnn-xp reader"] == []
+
+
+# -- the inputs change, or the backend fails, during the work -----------------------------
+
+
+def _after_reading(monkeypatch, at: int, action) -> None:
+    """``action(job)`` once the reader has read the chunk that starts at ``at``."""
+    real = batch._staged_inputs
+
+    def staged(job):
+        fill, *rest = real(job)
+
+        def fill_then_act(host, start, stop):
+            fill(host, start, stop)
+            if start == at:
+                action(job)
+
+        return (fill_then_act, *rest)
+
+    monkeypatch.setattr(batch, "_staged_inputs", staged)
+
+
+def _reader_gone() -> bool:
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "rnn-xp reader":
+            thread.join(10)
+    return not [t for t in threading.enumerate() if t.name == "rnn-xp reader"]
+
+
+TRUNCATE_AFTER_THE_FIRST_CHUNK = """
+import os, sys
+from rnn_xp import batch, cli
+
+real = batch._staged_inputs
+
+def staged(job):
+    fill, *rest = real(job)
+
+    def fill_then_truncate(host, start, stop):
+        fill(host, start, stop)
+        if start == 0:
+            os.truncate(job.input, 300)
+
+    return (fill_then_truncate, *rest)
+
+batch._staged_inputs = staged
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_end_to_end_an_input_truncated_mid_run_is_one_line_not_a_crash(work):
+    # Reading a memory-mapped file past its new end is SIGBUS: the process
+    # died with no word and left its .partial file.
+    np.save("big.npy", np.ones((64, 50, 4), np.float32))  # many pages
+    argv = run_args("--batch-size", "8", "--no-progress", input="big.npy")
+    proc = subprocess.run(
+        [sys.executable, "-c", TRUNCATE_AFTER_THE_FIRST_CHUNK, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (proc.returncode, proc.stdout) == (1, ""), proc.stderr
+    assert proc.stderr == (
+        "rnn-xp: error: big.npy: changed during the run: truncated to 300 bytes; rows 8:16 "
+        "lie past its end\n"
+    )
+    assert not os.path.exists("y.npy.partial")
+    assert not os.path.exists("y.npy")
+
+
+@pytest.mark.parametrize(
+    ("option", "path", "size"), [("--input", "x.npy", 300), ("--lengths", "l.npy", 150)]
+)
+def test_an_input_truncated_mid_run_is_one_line(work, capsys, monkeypatch, option, path, size):
+    _after_reading(monkeypatch, 0, lambda job: os.truncate(path, size))
+    created = _spy_on_outputs(monkeypatch)
+    argv = run_args("--lengths", "l.npy", "--state-out", "s.npy", "--batch-size", "2")
+    rc, out, err = call([*argv, "--no-progress"], capsys)
+    assert (rc, out) == (1, ""), err
+    assert err == (
+        f"rnn-xp: error: {path}: changed during the run: truncated to {size} bytes; rows 2:4 "
+        "lie past its end\n"
+    )
+    assert created == ["y.npy", "s.npy"]
+    assert [p for p in os.listdir() if p.startswith(("y.npy", "s.npy"))] == []
+    assert _reader_gone()
+
+
+def test_an_input_written_to_mid_run_is_one_line(work, capsys, monkeypatch):
+    def overwrite(job):
+        with open(job.input, "r+b") as f:  # the same size: only its time tells
+            f.seek(200)
+            f.write(b"\0" * 8)
+
+    os.utime("x.npy", ns=(0, 0))  # a write now surely changes its modification time
+    _after_reading(monkeypatch, 0, overwrite)
+    rc, out, err = call(run_args("--batch-size", "2", "--no-progress"), capsys)
+    assert (rc, out) == (1, ""), err
+    assert err == (
+        "rnn-xp: error: x.npy: changed during the run: written to (its size or modification "
+        "time changed)\n"
+    )
+    assert [p for p in os.listdir() if p.startswith("y.npy")] == []
+
+
+def test_an_input_changed_before_the_run_started_is_one_line(work, capsys, monkeypatch):
+    job = batch.prepare("w.npz", "x.npy", "y.npy", batch_size=4)
+    np.save("x.npy", X[:, :5])  # after the checks, before the run opens it
+    with pytest.raises(batch.InputChanged) as info:
+        batch.run_file(job)
+    assert (info.value.filename, info.value.strerror) == (
+        "x.npy",
+        "changed since it was checked: now float32 of shape (10, 5, 4)",
+    )
+    assert not os.path.exists("y.npy.partial")  # never created
+
+
+@pytest.mark.parametrize("change", ["removed", "replaced"])
+def test_an_input_removed_or_replaced_by_name_mid_run_is_read_whole(
+    work, capsys, monkeypatch, change
+):
+    # The run reads the file it opened; what the name points to later is another file.
+    np.save("other.npy", np.zeros_like(X))
+    action = {
+        "removed": lambda job: os.remove(job.input),
+        "replaced": lambda job: os.replace("other.npy", job.input),
+    }[change]
+    _after_reading(monkeypatch, 0, action)
+    rc, _, err = call(run_args("--batch-size", "2", "--no-progress"), capsys)
+    assert rc == 0, err
+    y = np.load("y.npy")
+    for start in range(0, 10, 2):
+        np.testing.assert_array_equal(
+            y[start : start + 2], python_api("w.npz", X[start : start + 2])[0]
+        )
+
+
+@pytest.mark.parametrize(
+    ("order", "stored", "dtype"),
+    [
+        ("F", "<f4", None),  # the rows of a chunk are one run of bytes per column
+        ("F", ">f8", "float32"),
+        ("C", ">f4", None),  # through the scratch buffer, cast
+        ("C", "<f8", "float32"),
+        ("C", "<f4", "float64"),
+    ],
+)
+def test_inputs_in_any_order_and_byte_order_run_as_the_python_api(
+    work, capsys, order, stored, dtype
+):
+    xs = np.asarray(X, dtype=stored, order=order)
+    np.save("xo.npy", xs)
+    np.save("lo.npy", np.asfortranarray(LENGTHS.astype(">u2")))
+    with open("xo.npy", "rb") as f:
+        assert (b"'fortran_order': True" in f.read(128)) == (order == "F")
+    argv = run_args("--lengths", "lo.npy", "--batch-size", "3", "--no-progress", input="xo.npy")
+    rc, _, err = call([*argv, *(["--dtype", dtype] if dtype else [])], capsys)
+    assert rc == 0, err
+    y = np.load("y.npy")
+    model = rnn_xp.load("w.npz").eval()
+    want = dtype or np.result_type(xs.dtype, np.float32).name
+    model = model.astype(want)
+    model.batch_first = True
+    for start in range(0, 10, 3):
+        rows = slice(start, start + 3)
+        out, _ = model.forward(xs[rows].astype(want), lengths=LENGTHS[rows], inference=True)
+        np.testing.assert_array_equal(y[rows], out)
+
+
+def test_a_reader_scratch_buffer_counts_in_the_chunk_memory(work, capsys, monkeypatch):
+    # Read as it is, a C-order float32 chunk needs 18.5 KB here; in Fortran order
+    # it goes through a scratch buffer too (another 1.1 KB).
+    np.save("xf.npy", np.asfortranarray(X))
+    monkeypatch.setattr(batch, "physical_memory", lambda: 19_000)
+    rc, _, err = call(run_args("--no-progress"), capsys)
+    assert rc == 0, err
+    rc, _, err = call(run_args("--no-progress", input="xf.npy"), capsys)
+    assert rc == 2
+    assert err.startswith(
+        "rnn-xp: error: --batch-size: a chunk of 10 sequences of T=7 needs about 19.6 KB"
+    ), err
+
+
+OUT_OF_MEMORY = "CUDA out of memory. Tried to allocate 2.00 GiB\n(GPU 0; 79.3 GiB total)"
+
+
+@pytest.mark.parametrize("where", ["compute", "reader"])
+def test_a_backend_error_mid_run_is_one_line(work, capsys, monkeypatch, where):
+    # torch.OutOfMemoryError, JAX's JaxRuntimeError, a CUDA error surfacing in
+    # the reader's copy: all RuntimeError.
+    if where == "compute":
+        real = batch._compute
+
+        def compute(job, start, *args):
+            if start >= 4:
+                raise RuntimeError(OUT_OF_MEMORY)
+            return real(job, start, *args)
+
+        monkeypatch.setattr(batch, "_compute", compute)
+    else:
+
+        def fail(job):
+            raise RuntimeError(OUT_OF_MEMORY)
+
+        _after_reading(monkeypatch, 4, fail)
+    created = _spy_on_outputs(monkeypatch)
+    rc, out, err = call(run_args("--batch-size", "2", "--no-progress"), capsys)
+    assert (rc, out) == (1, ""), err
+    assert err == (
+        "rnn-xp: error: numpy failed during the run: CUDA out of memory. Tried to allocate "
+        "2.00 GiB (GPU 0; 79.3 GiB total); a smaller --batch-size needs less memory\n"
+    )
+    assert created == ["y.npy"]
+    assert not os.path.exists("y.npy.partial")
+    assert _reader_gone()
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(128 + signal.SIGTERM)])
+def test_an_interrupt_mid_run_is_not_taken_for_an_error(work, capsys, monkeypatch, stop):
+    def compute(*args):
+        raise stop
+
+    monkeypatch.setattr(batch, "_compute", compute)
+    if isinstance(stop, SystemExit):
+        with pytest.raises(SystemExit) as info:
+            cli.main(run_args("--no-progress"))
+        assert info.value.code == 128 + signal.SIGTERM
+    else:
+        rc, _, err = call(run_args("--no-progress"), capsys)
+        assert (rc, err) == (130, "rnn-xp: interrupted\n")
+    assert not os.path.exists("y.npy.partial")
+
+
+def test_an_interrupt_does_not_wait_for_a_hung_read(work, capsys, monkeypatch):
+    import threading
+
+    hung, resume = threading.Event(), threading.Event()
+
+    def hang(job):
+        hung.set()
+        resume.wait(30)  # a network file system that stopped answering
+
+    _after_reading(monkeypatch, 4, hang)
+    real = batch._compute
+
+    def compute(job, start, *args):
+        if start == 2:
+            assert hung.wait(10)
+            raise KeyboardInterrupt  # Ctrl-C; SIGTERM unwinds the same way
+        return real(job, start, *args)
+
+    monkeypatch.setattr(batch, "_compute", compute)
+    try:
+        started = time.monotonic()
+        rc, _, err = call(run_args("--batch-size", "2", "--no-progress"), capsys)
+        elapsed = time.monotonic() - started
+    finally:
+        resume.set()
+    assert (rc, err) == (130, "rnn-xp: interrupted\n")
+    assert elapsed < 10
+    assert not os.path.exists("y.npy.partial")
+    assert _reader_gone()
+
+
+def test_no_more_than_two_copies_of_the_input_live_on_the_backend(work, monkeypatch):
+    # What `_check_chunk_memory` counts: the chunk computing and the one read ahead.
+    import threading
+    import weakref
+
+    from rnn_xp import _transfer
+
+    live: set[int] = set()
+    peak, lock = [0], threading.Lock()
+    real_copy = _transfer.Transfer.copy
+
+    def copy(self, dst, src, after):
+        arrays, event = real_copy(self, dst, src, after)
+        with lock:
+            live.add(id(arrays[0]))
+            peak[0] = max(peak[0], len(live))
+        weakref.finalize(arrays[0], live.discard, id(arrays[0]))
+        return arrays, event
+
+    real_write = batch._write
+
+    def slow_write(*args):  # a slow disk: the reader stages the next chunks meanwhile
+        time.sleep(0.02)
+        real_write(*args)
+
+    monkeypatch.setattr(_transfer.Transfer, "copy", copy)
+    monkeypatch.setattr(batch, "_write", slow_write)
+    batch.run_file(batch.prepare("w.npz", "x.npy", "y.npy", batch_size=1))
+    assert peak[0] == 2

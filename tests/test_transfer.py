@@ -15,6 +15,7 @@ selection is.
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import random
 import threading
@@ -45,6 +46,8 @@ def expected(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
 
 class FakeGpu(Transfer):
     """A `Transfer` whose copies and kernels run later, in order, each on a thread of its own."""
+
+    asynchronous = True
 
     def __init__(
         self,
@@ -259,6 +262,8 @@ def test_early_release_lets_the_reader_refill_while_the_kernel_runs():
 class ManualEvents(Transfer):
     """Copies that complete only when the test says; waits that do not block (as on a GPU)."""
 
+    asynchronous = True
+
     def __init__(self):
         super().__init__(loaded=None)
         self.events: list[threading.Event] = []
@@ -402,6 +407,105 @@ def test_a_cleanup_error_does_not_hide_the_first():
     with pytest.raises(ValueError, match="first"), staging:  # noqa: PT012
         for _ in staging:
             raise ValueError("first")
+
+
+def test_a_released_chunk_holds_its_arrays_no_more():
+    # Its copy on the backend is freed once the caller drops its own references,
+    # before the reader stages the chunk after next into the released slot.
+    with Staging(Transfer(NUMPY), make_fill(), chunks_of(4, 2), buffers(2)) as staged:
+        for chunk in staged:
+            assert len(chunk.arrays) == 2
+            chunk.release()
+            assert chunk.arrays == ()
+
+
+class HungRead:
+    """A ``fill`` whose read of the chunk at ``at`` hangs until `resume` (a network file
+    system that stopped answering); ``closed`` counts the calls of `close`."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.closed = at, 0
+        self.hung, self._resume = threading.Event(), threading.Event()
+        self._fill = make_fill()
+
+    def __call__(self, host, start, stop):
+        if start == self.at:
+            self.hung.set()
+            assert self._resume.wait(30), "never resumed"
+        self._fill(host, start, stop)
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def _consume_until_hung(staging: Staging, read: HungRead) -> None:
+    with pytest.raises(KeyboardInterrupt), staging:  # noqa: PT012
+        for _ in staging:
+            assert read.hung.wait(10)
+            raise KeyboardInterrupt  # Ctrl-C, or SIGTERM's SystemExit
+
+
+def test_a_failing_consumer_leaves_a_hung_read_behind_on_the_cpu():
+    read = HungRead(at=2)
+    staging = Staging(
+        Transfer(NUMPY), read, chunks_of(6, 2), buffers(2), close_source=read.close,
+        stop_timeout=0.05,
+    )  # fmt: skip
+    try:
+        started = time.monotonic()
+        in_time(lambda: _consume_until_hung(staging, read), timeout=10)
+        assert time.monotonic() - started < 5
+        assert read.closed == 0  # the reader still holds its file
+        assert [t.is_alive() for t in reader_threads()] == [True]
+    finally:
+        read.resume()
+    staging._thread.join(10)  # it ends as soon as its read returns, and closes its file
+    assert reader_threads() == []
+    assert read.closed == 1
+
+
+def test_an_asynchronous_transfer_waits_for_a_hung_read_before_freeing_its_buffers():
+    # Once its read returns, the reader starts a copy into a device buffer:
+    # leaving earlier could free that buffer under the copy.
+    gpu, read = FakeGpu(), HungRead(at=2)
+    staging = Staging(
+        gpu, read, chunks_of(6, 2), buffers(2), close_source=read.close, stop_timeout=0.05
+    )
+    timer = threading.Timer(0.5, read.resume)
+    try:
+        timer.start()
+        started = time.monotonic()
+        in_time(lambda: _consume_until_hung(staging, read), timeout=20)
+        assert time.monotonic() - started >= 0.4
+        assert reader_threads() == []
+        assert gpu.in_flight() == 0  # the copy started after the read was waited for too
+        assert read.closed == 1
+    finally:
+        timer.cancel()
+        read.resume()
+        gpu.finish()
+
+
+@pytest.mark.parametrize("how", ["every chunk read", "consumer fails", "never started"])
+def test_the_source_is_closed_once_when_the_reader_is_done_with_it(how):
+    closed = []
+    staging = Staging(
+        Transfer(NUMPY), make_fill(), chunks_of(6, 2), buffers(2),
+        close_source=lambda: closed.append(threading.current_thread().name),
+    )  # fmt: skip
+    if how == "never started":
+        staging.close()
+        assert closed == [threading.current_thread().name]
+        return
+    with contextlib.suppress(ValueError), staging:
+        for chunk in staging:
+            if how == "consumer fails" and chunk.start == 2:
+                raise ValueError("the model fell over")
+    staging.close()  # twice is harmless
+    assert closed == ["rnn-xp reader"]
 
 
 # -- which primitives a backend gets ------------------------------------------------------
