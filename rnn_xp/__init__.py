@@ -11,8 +11,14 @@ Pure functions (no hidden state; the classes wrap them)
     gru_cell_forward, gru_cell_backward, gru_forward, gru_backward
 Sequence model (stacked, bidirectional, masks, dropout), weights on disk, torch interop
     Recurrent, load (and Recurrent.save), from_torch
+Modules
+    optim (SGD, Adam, clip_by_global_norm), batch (run a saved model over a .npy file)
+
+Importing rnn_xp imports NumPy and array-api-compat only: torch, JAX, Dask and CuPy
+are imported where an array or a backend of theirs is first used.
 """
 
+from . import batch, optim
 from .elman import (
     RNN,
     RNNLayer,
@@ -52,6 +58,7 @@ __all__ = [
     "RNNLayer",
     "Recurrent",
     "__version__",
+    "batch",
     "from_torch",
     "gru_backward",
     "gru_cell_backward",
@@ -62,6 +69,7 @@ __all__ = [
     "lstm_cell_backward",
     "lstm_cell_forward",
     "lstm_forward",
+    "optim",
     "rnn_backward",
     "rnn_cell_backward",
     "rnn_cell_forward",

@@ -65,8 +65,8 @@ def _numpy_chunks(given: dict[str, Any]) -> None:
             raise TypeError(
                 f"{name}: a Dask array of {kind} chunks runs only where each chunk runs as "
                 "one task (rnn_forward, RNNLayer.forward, lstm_forward and gru_forward with "
-                "inference=True, Recurrent.forward(..., inference=True)); training and every "
-                "backward need NumPy chunks, or the arrays of that library themselves"
+                "inference=True, Recurrent.forward of a NumPy model in eval mode); training "
+                "and every backward need NumPy chunks, or the arrays of that library themselves"
             )
 
 

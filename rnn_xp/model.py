@@ -11,12 +11,12 @@ shares (`rnn_xp._scan`); nothing here depends on the array library.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device, is_numpy_array
+from array_api_compat import array_namespace, device, is_numpy_array, to_device
 
 from . import _checks, _chunks, _scan
 from ._backends import arange, asarray, check_dtype, on_input_device, on_model_device, zeros
@@ -62,6 +62,30 @@ def _generator(name: str, seed: Any) -> np.random.Generator:
         if seed < 0:
             raise ValueError(f"{name}: expected None or a non-negative integer, got {seed}")
     return np.random.default_rng(seed)
+
+
+def _library(name: str, like: Any) -> tuple[ModuleType, Any]:
+    """``(namespace, device)`` of the array ``like``; TypeError naming ``name`` otherwise."""
+    try:
+        return array_namespace(like), device(like)
+    except TypeError:
+        got = f"{type(like).__module__}.{type(like).__name__}"
+        raise TypeError(
+            f"{name}: expected an array of the library (and on the device) that should "
+            f"hold the parameters, got {got}"
+        ) from None
+
+
+def _host(xp: ModuleType, a: Array) -> np.ndarray:
+    """The values of ``a``, an array of ``xp`` on any device, as a NumPy array."""
+    from .io import _to_numpy  # io imports this module
+
+    try:
+        return _to_numpy(a)
+    except RuntimeError:
+        # array-api-strict hands NumPy only arrays on its default (CPU) device.
+        cpu = xp.__array_namespace_info__().default_device()
+        return _to_numpy(xp.asarray(a, device=cpu, copy=True))
 
 
 def _positive(name: str, value: Any) -> int:
@@ -193,33 +217,109 @@ class Recurrent:
         self.dh0: Array | None = None
         self.dc0: Array | None = None
         self._cache: dict | None = None
+        # The last forward ran a Dask input one task per chunk (so kept nothing
+        # for backward) although inference=False: backward says why it cannot run.
+        self._chunked = False
 
         if like is None:
             import array_api_compat.numpy as xp
 
             self._xp, self._device = xp, "cpu"
         else:
-            try:
-                self._xp, self._device = array_namespace(like), device(like)
-            except TypeError:
-                got = f"{type(like).__module__}.{type(like).__name__}"
-                raise TypeError(
-                    f"like: expected an array of the library (and on the device) that should "
-                    f"hold the parameters, got {got}"
-                ) from None
+            self._xp, self._device = _library("like", like)
         self._dtype = _floating(self._xp, dtype, self._device)
 
-    @on_model_device
+    def __repr__(self) -> str:
+        args = [repr(self.mode), str(self.input_size), str(self.hidden_size)]
+        defaults = {
+            "num_layers": 1,
+            "bias": True,
+            "batch_first": False,
+            "bidirectional": False,
+            "dropout": 0.0,
+        }
+        args += [f"{k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v]
+        library = self._xp.__name__.removeprefix("array_api_compat.")
+        args += [f"dtype={_dtype_name(self._dtype)}", f"library={library}"]
+        args.append(f"device={self._device}")
+        return f"{type(self).__name__}({', '.join(args)})"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(xs, ...)`` is ``model.forward(xs, ...)``, as in torch."""
+        return self.forward(*args, **kwargs)
+
     def astype(self, dtype: Any) -> Recurrent:
         """A copy of the model whose parameters are ``dtype`` (torch's ``module.to(dtype)``).
 
         The copy computes in ``dtype`` (or wider, if its inputs are); it shares
-        no state with this model.
+        no state with this model. The same as ``model.to(dtype=dtype)``.
         """
+        return self.to(dtype=dtype)
+
+    @on_model_device
+    def to(self, like: Array | None = None, dtype: Any = None) -> Recurrent:
+        """A copy of the model on ``like``'s library and device, and/or in ``dtype``.
+
+        Parameters
+        ----------
+        like : array, optional
+            The copy's parameters become arrays of this array's library, on its
+            device (its shape and dtype do not matter). The model's own when None.
+        dtype : str or dtype, optional
+            Real floating dtype of the copy: a name such as ``'float64'``, or a
+            dtype of the target library. The model's own when None.
+
+        Returns
+        -------
+        Recurrent
+            The same configuration and training mode, with parameters that are
+            new arrays (copies even where nothing changes), no gradients and
+            nothing kept from a forward.
+
+        Notes
+        -----
+        Within one library the copy is that library's own ``astype`` and
+        ``to_device``, which autograd follows (a torch leaf that requires grad
+        gives a copy that does too); between libraries the values go through
+        host memory as NumPy arrays, which is exact (bfloat16 through float32).
+        """
+        xp, dev = (self._xp, self._device) if like is None else _library("like", like)
+        if dtype is not None:
+            target = _floating(xp, dtype, dev)
+        else:
+            name = _dtype_name(self._dtype)
+            try:
+                target = _floating(xp, name, dev)
+            except TypeError as exc:
+                raise TypeError(
+                    f"like: the model is {name}, which {xp.__name__} cannot hold here "
+                    f"({str(exc).removeprefix('dtype: ')}); pass dtype= too"
+                ) from None
+        return self._copy(xp, dev, target)
+
+    def _copy(self, xp: ModuleType, dev: Any, dtype: Any) -> Recurrent:
+        """A copy whose parameters are new ``dtype`` arrays of ``xp`` on ``dev``; no state."""
         twin = copy.copy(self)
-        twin._dtype = _floating(self._xp, dtype, self._device)
-        twin._params = {k: self._xp.astype(v, twin._dtype) for k, v in self._params.items()}
+        twin._xp, twin._device, twin._dtype = xp, dev, dtype
+        if xp is self._xp:
+            here = dev == self._device
+            # A move to another device is a copy by itself.
+            params = {k: xp.astype(v, dtype, copy=here) for k, v in self._params.items()}
+            twin._params = params if here else {k: to_device(v, dev) for k, v in params.items()}
+        else:
+            # Through NumPy, which has no bfloat16: float32 holds every bfloat16 exactly.
+            wide = _dtype_name(self._dtype) == "bfloat16"
+            twin._params = {
+                k: asarray(
+                    xp,
+                    _host(self._xp, self._xp.astype(v, self._xp.float32) if wide else v),
+                    dtype,
+                    dev,
+                )
+                for k, v in self._params.items()
+            }
         twin.grads, twin.dh0, twin.dc0, twin._cache = None, None, None, None
+        twin._chunked = False
         return twin
 
     # -- parameters ----------------------------------------------------------
@@ -322,27 +422,37 @@ class Recurrent:
     @on_model_device
     def forward(
         self,
-        xs: Array,
+        xs: Array | Sequence[Array],
         h0: Array | tuple[Array, Array] | None = None,
-        lengths: Array | None = None,
+        lengths: Array | Sequence[int] | None = None,
         mask: Array | None = None,
         *,
         dropout_seed: int | None = None,
         dropout_masks: list[Array] | None = None,
         inference: bool = False,
-    ) -> tuple[Array, Array | tuple[Array, Array]]:
+    ) -> tuple[Array | list[Array], Array | tuple[Array, Array]]:
         """Run the model; return ``(out, h_n)``, or ``(out, (h_n, c_n))`` for LSTM.
+
+        ``model(xs, ...)`` is the same call.
 
         Parameters
         ----------
-        xs : array, shape (T, N, D), or (N, T, D) if ``batch_first``
+        xs : array, shape (T, N, D), or (N, T, D) if ``batch_first``; or a list
+            A list (or tuple) of N arrays of shapes (T_i, D), sequences of
+            different lengths of one library, device and dtype, as Chainer's
+            ``NStepLSTM`` takes them: ``out`` is then a list of arrays
+            (T_i, num_directions * H), ``h_n`` as usual, and ``backward`` takes
+            a list of such arrays. ``batch_first`` does not apply to the items.
+            The sequences are padded into one array and run with their
+            lengths; give neither ``lengths`` nor ``mask`` with a list.
         h0 : array, shape (num_layers * num_directions, N, H), optional
             Initial states (zeros when omitted); for LSTM a pair ``(h0, c0)``.
-        lengths : integer array, shape (N,), optional
+        lengths : integer array, shape (N,), or a sequence of N ints, optional
             Lengths of right-padded sequences, each in [1, T], as with torch's
             ``pack_padded_sequence``: outputs at padded steps are zero, ``h_n``
             is each sequence's state at its last valid step, and the reverse
-            direction starts at each sequence's own last step.
+            direction starts at each sequence's own last step. A list or tuple
+            of Python ints becomes an integer array of ``xs``' library and device.
         mask : bool array, shape (N, T), optional
             Keras' meaning: a step where ``mask`` is False carries the state
             through unchanged and outputs zeros. Left-padded and gappy masks
@@ -353,7 +463,8 @@ class Recurrent:
         dropout_masks : list of bool arrays, optional
             Instead of a seed, the keep-masks themselves: ``num_layers - 1``
             arrays shaped like a layer's output, (T, N, num_directions * H) or
-            (N, T, ...) if ``batch_first``. Kept values are scaled by 1/(1-p).
+            (N, T, ...) if ``batch_first`` (T the longest sequence, for a list
+            ``xs``). Kept values are scaled by 1/(1-p).
         inference : bool, default False
             Keep nothing for `backward` (which then raises); peak memory beyond
             the output is one layer's input projection plus O(N*H) on NumPy/CuPy.
@@ -361,24 +472,117 @@ class Recurrent:
         Returns
         -------
         out : array, shape (T, N, num_directions * H), or (N, T, ...) if ``batch_first``
+            For a list ``xs``, a list of arrays (T_i, num_directions * H).
         h_n : array, shape (num_layers * num_directions, N, H); for LSTM ``(h_n, c_n)``
+
+        Notes
+        -----
+        A Dask ``xs`` given to a model whose parameters are not Dask arrays
+        (NumPy ones, say) runs one task per batch chunk, each with this same
+        method on the chunk's library: in evaluation, as with
+        ``inference=True``, so `backward` then raises. Dropout in training mode
+        cannot run so and raises: call `eval` first. To train on Dask arrays,
+        move the model there (``model.to(like=xs)``); its forward then runs op
+        by op, unless ``inference=True``.
         """
+        if isinstance(xs, (list, tuple)):
+            return self._forward_list(
+                xs, h0, lengths, mask, dropout_seed, dropout_masks, inference
+            )
+        known = None
+        if isinstance(lengths, (list, tuple)):
+            known = _python_lengths(lengths)
+            xp, _, dev = _checks.common_chunked(xs=xs)
+            lengths = asarray(xp, np.asarray(known, dtype=np.int64), None, dev)
+        return self._forward(xs, h0, lengths, mask, known, dropout_seed, dropout_masks, inference)
+
+    def _forward_list(self, seqs, h0, lengths, mask, dropout_seed, dropout_masks, inference):
+        """`forward` of a list of sequences (T_i, D): padded, run with their lengths, split."""
+        for name, given in (("lengths", lengths), ("mask", mask)):
+            if given is not None:
+                raise ValueError(
+                    f"{name}: a list of sequences gives its own lengths; pass {name} with one "
+                    "padded array instead"
+                )
+        xp, dev, known, xs = self._padded("xs", seqs, "D", self.input_size)
+        lengths = asarray(xp, np.asarray(known, dtype=np.int64), None, dev)
+        out, h_n = self._forward(
+            xs, h0, lengths, None, known, dropout_seed, dropout_masks, inference
+        )
+        if self._cache is not None:
+            self._cache["list"] = known
+        return self._split(xp, out, known), h_n
+
+    def _padded(
+        self, name: str, seqs: Sequence[Array], label: str, F: int, known: tuple | None = None
+    ) -> tuple[ModuleType, Any, tuple[int, ...], Array]:
+        """``(xp, device, lengths, padded)``: arrays (T_i, F) as one array in the model's layout.
+
+        ``padded`` is (T, N, F), or (N, T, F) if ``batch_first``, T the longest
+        T_i, zero after each sequence's end. With ``known`` the T_i must be those.
+        """
+        if len(seqs) == 0:
+            raise ValueError(
+                f"{name}: expected at least one sequence, got an empty {type(seqs).__name__}"
+            )
+        if known is not None and len(seqs) != len(known):
+            raise ValueError(
+                f"{name}: expected a list of {len(known)} arrays, one per sequence of the "
+                f"forward, got {len(seqs)}"
+            )
+        named = {f"{name}[{i}]": a for i, a in enumerate(seqs)}
+        xp, _, dev = _checks.common_chunked(**named)
+        dtype = seqs[0].dtype
+        for i, (key, a) in enumerate(named.items()):
+            T_i = None if known is None else known[i]
+            _checks.check_shape(key, a, [("T_i", T_i), (label, F)], "(one sequence of the list)")
+            if a.dtype != dtype:
+                raise TypeError(f"{key}: expected the dtype of {name}[0] ({dtype}), got {a.dtype}")
+            if a.shape[0] < 1:
+                raise ValueError(f"{key}: expected at least one time step, got shape {a.shape}")
+        known = tuple(int(a.shape[0]) for a in seqs)
+        T = max(known)
+        pieces = []
+        for a, T_i in zip(seqs, known):
+            pieces.append(a)
+            if T_i < T:
+                pieces.append(zeros(xp, (T - T_i, F), dtype, dev))
+        # One concatenation of (T_i, F) rows and their padding, read as (N, T, F).
+        x = xp.reshape(xp.concat(pieces, axis=0), (len(seqs), T, F))
+        return xp, dev, known, x if self.batch_first else xp.permute_dims(x, (1, 0, 2))
+
+    def _split(self, xp: ModuleType, a: Array, known: tuple[int, ...]) -> list[Array]:
+        """The inverse of `_padded`: each sequence's own steps, (T_i, features)."""
+        a = a if self.batch_first else xp.permute_dims(a, (1, 0, 2))
+        return [a[i, :T_i, :] for i, T_i in enumerate(known)]
+
+    def _forward(self, xs, h0, lengths, mask, known, dropout_seed, dropout_masks, inference):
+        """`forward` of one array; ``known``: the lengths as Python ints, if they were."""
         lstm = isinstance(self.cell, LSTMCell)
         h0, c0 = self._split_state("h0", h0, lstm)
         dropout = self.training and self.dropout > 0 and self.num_layers > 1
         if inference and not dropout:
             try:  # Dask: each batch chunk runs this same method where it lives
-                result = self._forward_on_chunks(xs, h0, c0, lengths, mask, lstm)
-                self._cache = None
-                return result
+                return self._forward_on_chunks(xs, h0, c0, lengths, mask, known, lstm, False)
             except NotImplementedError:
                 pass
         first = self._names(0, 0)[0]
         try:
             xp, dtype, dev = _checks.common(xs=xs, h0=h0, c0=c0, **{first: self._params[first]})
         except TypeError:
-            # Only on failure: say so when the input is of another library than the
-            # model (which the message would otherwise blame on the parameter).
+            # Only on failure: an input of another library than the model. A Dask
+            # one runs one task per chunk (without backward); for any other, say
+            # so (the message would otherwise blame the parameter).
+            if _checks.common_chunked(xs=xs)[0] is not self._xp:
+                try:
+                    result = self._forward_on_chunks(
+                        xs, h0, c0, lengths, mask, known, lstm, dropout
+                    )
+                except NotImplementedError:
+                    pass
+                else:
+                    self._chunked = not inference
+                    return result
             if _checks.common(xs=xs, h0=h0, c0=c0)[0] is not self._xp:
                 raise TypeError(
                     f"xs: expected an array of the model's library ({self._xp.__name__}), got "
@@ -387,7 +591,7 @@ class Recurrent:
                 ) from None
             raise
         H = self.hidden_size
-        N, T, steps = self._check_inputs(xp, dev, xs, h0, c0, lengths, mask)
+        N, T, steps = self._check_inputs(xp, dev, xs, h0, c0, lengths, mask, known)
         keep = self._dropout_masks(xp, dtype, dev, N, T, dropout_seed, dropout_masks)
 
         x, h0, c0 = cast(xp, dtype, self._batch_major(xp, xs), h0, c0)
@@ -427,11 +631,12 @@ class Recurrent:
             if inference
             else {"tapes": tapes, "keep": keep, "xs": xs, "N": N, "T": T, "dtype": dtype}
         )
+        self._chunked = False
         out = self._batch_major(xp, x)
         h_n = xp.stack(h_n, axis=0)
         return (out, (h_n, xp.stack(c_n, axis=0))) if lstm else (out, h_n)
 
-    def _check_inputs(self, xp, dev, xs, h0, c0, lengths, mask) -> tuple[int, int, Any]:
+    def _check_inputs(self, xp, dev, xs, h0, c0, lengths, mask, known) -> tuple[int, int, Any]:
         """Check the shapes of a forward's arrays; return ``(N, T, steps)``.
 
         ``steps`` is the (N, T) bool mask of valid steps, or None (see `_step_mask`).
@@ -453,9 +658,14 @@ class Recurrent:
                 _checks.check_shape(
                     name, s, [("num_layers*num_directions", S), ("N", N), ("H", H)], ""
                 )
-        return N, T, self._step_mask(xp, dev, N, T, lengths, mask)
+        return N, T, self._step_mask(xp, dev, N, T, lengths, mask, known)
 
-    def _forward_on_chunks(self, xs, h0, c0, lengths, mask, lstm):
+    def _forward_on_chunks(self, xs, h0, c0, lengths, mask, known, lstm, dropout):
+        """`forward` of a Dask ``xs``, one task per batch chunk; NotImplementedError otherwise.
+
+        Keeps nothing for backward. ``dropout``: training mode would apply it,
+        which tasks cannot; refused once ``xs`` is known to be a Dask array.
+        """
         axis = 0 if self.batch_first else 1
         H = self.hidden_size
         F, S = self.num_directions * H, self.num_layers * self.num_directions
@@ -466,8 +676,15 @@ class Recurrent:
             # Every check of the forward, on the whole Dask arrays, before the
             # tasks (a task would report its chunk's sizes): one small compute
             # reads the lengths' range.
+            if dropout:
+                raise TypeError(
+                    "xs: a Dask array given to a model of another library runs one task per "
+                    "chunk, for inference only, and cannot apply the dropout of training mode "
+                    f"(dropout={self.dropout}): call model.eval() first; to train on Dask "
+                    "arrays, move the model there (model.to(like=xs))"
+                )
             xp, _, dev = _checks.common_chunked(xs=xs, h0=h0, c0=c0)
-            _, T, _ = self._check_inputs(xp, dev, xs, h0, c0, lengths, mask)
+            _, T, _ = self._check_inputs(xp, dev, xs, h0, c0, lengths, mask, known)
             dtype = result_dtype(xs, self._params[self._names(0, 0)[0]], h0, c0)
             out = [(axis, (None, T, F) if self.batch_first else (T, None, F), dtype)]
             return out + [(1, (S, None, H), dtype)] * (2 if lstm else 1)
@@ -484,18 +701,14 @@ class Recurrent:
             outputs,
             {"model": light},
         )
+        self._cache, self._chunked = None, False
         return out, (tuple(states) if lstm else states[0])
 
     def _on(self, xp: ModuleType, dev: Any) -> Recurrent:
         """A copy whose parameters are arrays of ``xp`` on ``dev`` (no copy if already)."""
         if xp is self._xp:
             return self
-        twin = copy.copy(self)
-        twin._xp, twin._device, twin._dtype = xp, dev, getattr(xp, _dtype_name(self._dtype))
-        twin._params = {
-            k: asarray(xp, np.asarray(v), twin._dtype, dev) for k, v in self._params.items()
-        }
-        return twin
+        return self._copy(xp, dev, getattr(xp, _dtype_name(self._dtype)))
 
     def _split_state(self, name: str, state: Any, lstm: bool) -> tuple[Array | None, Array | None]:
         if state is None:
@@ -511,9 +724,20 @@ class Recurrent:
         return state, None
 
     def _step_mask(
-        self, xp: ModuleType, dev: Any, N: int, T: int, lengths: Array | None, mask: Array | None
+        self,
+        xp: ModuleType,
+        dev: Any,
+        N: int,
+        T: int,
+        lengths: Array | None,
+        mask: Array | None,
+        known: tuple[int, ...] | None = None,
     ) -> Array | None:
-        """The (N, T) bool mask of valid steps, or None when every step is valid."""
+        """The (N, T) bool mask of valid steps, or None when every step is valid.
+
+        ``known``: the lengths as Python ints, when they were given so; their
+        range is then checked without reading the array back.
+        """
         if lengths is not None and mask is not None:
             raise ValueError("lengths, mask: expected one of them, got both")
         if mask is not None:
@@ -536,8 +760,11 @@ class Recurrent:
                 lengths = xp.where(wrapped, xp.zeros_like(lengths) + (T + 1), lengths)
         # One host round trip per call, before the loop, to reject bad lengths.
         try:
-            low, high = (int(xp.min(lengths)), int(xp.max(lengths))) if N else (1, T)
-            huge = wrapped is not None and N and bool(xp.any(wrapped))
+            if known is not None:
+                low, high, huge = min(known, default=1), max(known, default=T), False
+            else:
+                low, high = (int(xp.min(lengths)), int(xp.max(lengths))) if N else (1, T)
+                huge = wrapped is not None and N and bool(xp.any(wrapped))
         except TypeError:
             # Abstract values (traced by jax.jit): they cannot be read here. The
             # mask below is still defined: a length beyond T keeps every step,
@@ -591,13 +818,17 @@ class Recurrent:
     # -- backward --------------------------------------------------------------
 
     @on_model_device
-    def backward(self, dout: Array, dh_n: Array | tuple | None = None) -> Array:
+    def backward(
+        self, dout: Array | Sequence[Array], dh_n: Array | tuple | None = None
+    ) -> Array | list[Array]:
         """Backpropagate through the last `forward`; return ``dxs``.
 
         Parameters
         ----------
         dout : array, the shape of ``out``
-            Gradient with respect to the output.
+            Gradient with respect to the output. After a forward of a list of
+            sequences, a list of arrays (T_i, num_directions * H), and ``dxs``
+            is then a list of arrays (T_i, D).
         dh_n : array, the shape of ``h_n``, optional
             Gradient with respect to ``h_n`` (for LSTM a pair ``(dh_n, dc_n)``,
             either of which may be None); zero when omitted.
@@ -607,7 +838,33 @@ class Recurrent:
         the initial states, shape (num_layers * num_directions, N, H).
         """
         if self._cache is None:
+            if self._chunked:
+                raise RuntimeError(
+                    "Recurrent.backward: call forward first (with inference=False); the last "
+                    "one ran its Dask input one task per chunk, for inference, and kept nothing "
+                    "for backward: to train on Dask arrays, move the model there first "
+                    "(model = model.to(like=xs))"
+                )
             raise RuntimeError("Recurrent.backward: call forward first (with inference=False)")
+        known = self._cache.get("list")
+        if isinstance(dout, (list, tuple)):
+            if known is None:
+                raise TypeError(
+                    "dout: expected one array, as the forward took one; a list answers a "
+                    "forward of a list of sequences"
+                )
+            F = self.num_directions * self.hidden_size
+            xp, _, _, padded = self._padded("dout", dout, "F", F, known)
+            return self._split(xp, self._backward(padded, dh_n), known)
+        if known is not None:
+            got = f"{type(dout).__module__}.{type(dout).__name__}"
+            raise TypeError(
+                f"dout: the forward took a list of sequences; expected a list of {len(known)} "
+                f"arrays (T_i, num_directions*H), got {got}"
+            )
+        return self._backward(dout, dh_n)
+
+    def _backward(self, dout: Array, dh_n: Array | tuple | None) -> Array:
         c = self._cache
         lstm = isinstance(self.cell, LSTMCell)
         dh_n, dc_n = self._split_state("dh_n", dh_n, lstm)
@@ -669,6 +926,17 @@ def _dtype_name(dtype: Any) -> str:
         if name in text:
             return name
     raise TypeError(f"dtype: cannot name {dtype!r}")
+
+
+def _python_lengths(lengths: Sequence[Any]) -> tuple[int, ...]:
+    """The ints of a list or tuple of lengths; TypeError naming ``lengths`` otherwise."""
+    for v in lengths:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(
+                f"lengths: expected an integer array or a sequence of ints, got an item {v!r} "
+                f"of type {type(v).__name__}"
+            )
+    return tuple(int(v) for v in lengths)
 
 
 def _model_chunk(xs, model, h0=None, c0=None, lengths=None, mask=None):

@@ -213,8 +213,12 @@ def test_lengths_of_wrong_type_or_shape_raise(backend, model):
         model.forward(xs, lengths=backend.asarray(np.array([5.0, 1.0, 2.0])))
     with pytest.raises(ValueError, match=r"lengths: expected shape \(N=3,\), got \(2,\)"):
         model.forward(xs, lengths=backend.asarray(np.array([5, 1])))
-    with pytest.raises(TypeError, match=r"lengths: expected an array, got builtins.list"):
-        model.forward(xs, lengths=[5, 1, 2])
+    with pytest.raises(
+        TypeError, match=r"^lengths: expected an integer array or a sequence of ints"
+    ):
+        model.forward(xs, lengths=[5, 1, 2.0])
+    with pytest.raises(TypeError, match=r"^lengths: expected an array, got builtins.str"):
+        model.forward(xs, lengths="512")
 
 
 def test_mask_of_wrong_shape_or_type_raises(backend, model):
