@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device, is_numpy_array, to_device
 
-from . import _checks, _chunks, _scan
+from . import _checks, _chunks, _scan, _streaming
 from ._backends import arange, asarray, check_dtype, on_input_device, on_model_device, zeros
 from ._layer import cast, result_dtype
 from .elman import ElmanCell
@@ -816,6 +816,20 @@ class Recurrent:
         return scaled
 
     # -- backward --------------------------------------------------------------
+
+    @on_model_device
+    def step(
+        self, x_t: Array, state: Array | tuple[Array, Array] | None = None
+    ) -> tuple[Array, Array | tuple[Array, Array]]:
+        """One time step of every layer, for online inference: ``(y_t, new_state)``.
+
+        ``x_t`` is (N, D); ``state`` is None (zeros) or what the last step
+        returned, laid out as `forward`'s ``h0`` (for LSTM a pair ``(h, c)``).
+        ``y_t`` (N, H) is the last layer's output. Unidirectional models only;
+        no dropout applies (call `eval` first on a model that has some). See
+        `rnn_xp._streaming.step`.
+        """
+        return _streaming.step(self, x_t, state)
 
     @on_model_device
     def backward(
