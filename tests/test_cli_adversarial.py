@@ -1246,6 +1246,11 @@ def test_a_device_that_fails_when_first_used_is_one_line_before_any_file(
     created = _spy_on_outputs(monkeypatch)
     options = ["--backend", "torch", "--device", "cuda:0"]
     argv = run_args(*options) if command == "run" else [*TRAIN, *options, "--checkpoint", "n.npz"]
+    _refused_as_busy(argv, work, capsys, created)
+
+
+def _refused_as_busy(argv, work, capsys, created):
+    """One line naming --device, exit 2, and no file created, even for a moment."""
     before = snapshot(work)
     rc, _, err = call(argv, capsys)
     assert rc == 2
@@ -1265,17 +1270,8 @@ def test_a_device_that_fails_to_take_the_model_is_refused_before_any_file(
     monkeypatch.setattr(batch, "for_run", lambda name, device: numpy)
     monkeypatch.setattr(batch, "_model", _busy)
     created = _spy_on_outputs(monkeypatch)
-    before = snapshot(work)
-    rc, _, err = call(
-        run_args("--backend", "torch", "--device", "cuda:0", "--no-progress"), capsys
-    )
-    assert rc == 2
-    assert err == (
-        "rnn-xp: error: --device: torch fails on 'cuda:0': CUDA error: all CUDA-capable "
-        "devices are busy or unavailable\n"
-    )
-    assert created == []
-    assert snapshot(work) == before
+    argv = run_args("--backend", "torch", "--device", "cuda:0", "--no-progress")
+    _refused_as_busy(argv, work, capsys, created)
 
 
 def test_a_read_error_mid_run_is_one_line_and_stops_the_reader(work, capsys, monkeypatch):
