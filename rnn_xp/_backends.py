@@ -16,7 +16,6 @@ No other module of rnn_xp asks which library an array comes from.
 from __future__ import annotations
 
 import functools
-import importlib
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -34,6 +33,8 @@ from array_api_compat import (
 )
 
 from . import precision
+from ._imports import BackendNotInstalled, BackendUnavailable
+from ._imports import import_library as _import
 
 __all__ = [
     "BACKENDS",
@@ -136,6 +137,26 @@ def asarray(xp: ModuleType, a: Any, dtype: Any, device: Any) -> Any:
         return xp.asarray(a, dtype=dtype, device=device, copy=True)
 
 
+def to_numpy(a: Any) -> np.ndarray:
+    """The values of an array of any supported library, as a NumPy array on the host."""
+    # torch tensors via .cpu(), CuPy via .get(), the rest through the buffer
+    # protocol or __array__.
+    for method in ("detach", "cpu", "get"):
+        if hasattr(a, method) and not isinstance(a, np.ndarray):
+            a = getattr(a, method)()
+    return np.asarray(a)
+
+
+def dtype_name(dtype: Any) -> str:
+    """The name of a floating dtype of any library: float64, float32, bfloat16 or float16."""
+    # str() of a dtype differs by library (float32, torch.float32, a jax class).
+    text = str(dtype)
+    for name in ("float64", "float32", "bfloat16", "float16"):  # bfloat16 before its substring
+        if name in text:
+            return name
+    raise TypeError(f"dtype: cannot name {dtype!r}")
+
+
 _REFUSED = {
     np.matrix: "* is a matrix product",
     np.ma.MaskedArray: "mask would be ignored",
@@ -171,14 +192,6 @@ def check_dtype(xp: ModuleType, dtype: Any, device: Any) -> None:
         )
         name = getattr(dtype, "__name__", None) or str(dtype)
         raise TypeError(f"dtype: {xp.__name__} makes {name} arrays {got} here{hint}")
-
-
-class BackendUnavailable(Exception):
-    """A backend cannot run here; the message says why."""
-
-
-class BackendNotInstalled(BackendUnavailable):
-    """Its library is not installed; the message names the extra that installs it."""
 
 
 @dataclass(frozen=True)
@@ -218,25 +231,6 @@ class Backend:
 
     def load(self) -> Loaded:
         return _checked_gpu(self.name, self._load) if self.gpu else self._load()
-
-
-# The extra of rnn-xp that installs each library.
-_EXTRAS = {
-    "array_api_strict": "'rnn-xp[test]'",
-    "torch": "'rnn-xp[torch]'",
-    "jax": "'rnn-xp[jax]'",
-    "dask.array": "'rnn-xp[dask]'",
-    "cupy": "'rnn-xp[cuda12]' (or 'rnn-xp[cuda13]' for CUDA 13)",
-}
-
-
-def _import(module: str, what: str) -> ModuleType:
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise BackendNotInstalled(
-            f"{what} is not installed ({exc}); pip install {_EXTRAS[module]}"
-        ) from None
 
 
 # Warnings a GPU library may give while it loads or first runs that rnn_xp

@@ -8,7 +8,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _checks, _chunks, _scan
-from ._backends import on_input_device, zeros
+from ._backends import dtype_name, on_input_device, zeros
 
 Array = Any
 
@@ -82,9 +82,7 @@ def result_dtype(*arrays: Array | None) -> Any:
     """The NumPy result type of arrays of possibly different libraries (by dtype name)."""
     import numpy as np
 
-    from .model import _dtype_name
-
-    return np.result_type(*(_dtype_name(a.dtype) for a in arrays if a is not None))
+    return np.result_type(*(dtype_name(a.dtype) for a in arrays if a is not None))
 
 
 def sigmoid(xp: ModuleType, a: Array) -> Array:

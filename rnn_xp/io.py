@@ -43,6 +43,7 @@ import numpy as np
 from array_api_compat import array_namespace
 
 from ._backends import refusal
+from ._backends import to_numpy as _to_numpy
 from .model import MODES, Recurrent, _dtype_name
 
 __all__ = ["WeightsError", "infer_config", "load", "load_extra", "load_torch", "save"]
@@ -371,15 +372,6 @@ def _check_like(like: Any) -> None:
 
 
 # -- save -------------------------------------------------------------------------
-
-
-def _to_numpy(a: Any) -> np.ndarray:
-    # Any supported library: torch tensors via .cpu(), CuPy via .get(), the rest
-    # through the buffer protocol or __array__.
-    for method in ("detach", "cpu", "get"):
-        if hasattr(a, method) and not isinstance(a, np.ndarray):
-            a = getattr(a, method)()
-    return np.asarray(a)
 
 
 def _suffix(path: str) -> str:

@@ -19,7 +19,16 @@ import numpy as np
 from array_api_compat import array_namespace, device, is_numpy_array, to_device
 
 from . import _checks, _chunks, _scan, _streaming
-from ._backends import arange, asarray, check_dtype, on_input_device, on_model_device, zeros
+from ._backends import (
+    arange,
+    asarray,
+    check_dtype,
+    on_input_device,
+    on_model_device,
+    to_numpy,
+    zeros,
+)
+from ._backends import dtype_name as _dtype_name
 from ._layer import cast, result_dtype
 from .elman import ElmanCell
 from .gru import GRUCell
@@ -78,14 +87,12 @@ def _library(name: str, like: Any) -> tuple[ModuleType, Any]:
 
 def _host(xp: ModuleType, a: Array) -> np.ndarray:
     """The values of ``a``, an array of ``xp`` on any device, as a NumPy array."""
-    from .io import _to_numpy  # io imports this module
-
     try:
-        return _to_numpy(a)
+        return to_numpy(a)
     except RuntimeError:
         # array-api-strict hands NumPy only arrays on its default (CPU) device.
         cpu = xp.__array_namespace_info__().default_device()
-        return _to_numpy(xp.asarray(a, device=cpu, copy=True))
+        return to_numpy(xp.asarray(a, device=cpu, copy=True))
 
 
 def _positive(name: str, value: Any) -> int:
@@ -931,15 +938,6 @@ class Recurrent:
         self.dc0 = xp.stack(dc0, axis=0) if lstm else None
         dxs = self._batch_major(xp, d)
         return dxs if dxs.dtype == c["xs"].dtype else xp.astype(dxs, c["xs"].dtype)
-
-
-def _dtype_name(dtype: Any) -> str:
-    # str() of a dtype differs by library (float32, torch.float32, a jax class).
-    text = str(dtype)
-    for name in ("float64", "float32", "bfloat16", "float16"):  # bfloat16 before its substring
-        if name in text:
-            return name
-    raise TypeError(f"dtype: cannot name {dtype!r}")
 
 
 def _python_lengths(lengths: Sequence[Any]) -> tuple[int, ...]:

@@ -31,6 +31,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from ._imports import import_library
+
 __all__ = ["LIBRARIES", "MODES", "float32_matmul", "get_float32_matmul", "set_float32_matmul"]
 
 MODES = ("ieee", "tf32")
@@ -163,12 +165,8 @@ def _libraries(libraries: tuple[str, ...]) -> dict[str, Any]:
         )
     if not libraries:
         return {name: sys.modules[name] for name in LIBRARIES if name in sys.modules}
-    from ._backends import _import
-
-    found = {}
-    for name in libraries:
-        found[name] = _import(name, {"torch": "PyTorch", "jax": "JAX", "cupy": "CuPy"}[name])
-    return found
+    what = {"torch": "PyTorch", "jax": "JAX", "cupy": "CuPy"}
+    return {name: import_library(name, what[name]) for name in libraries}
 
 
 def get_float32_matmul(*libraries: str) -> dict[str, str]:
