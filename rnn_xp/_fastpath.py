@@ -22,7 +22,10 @@ test suite runs both paths on every backend and checks that they agree
   place into one preallocated array, with no per-step arrays and no stack
   after the loop (torch: the recurrent product inside ``addmm``). NumPy and
   CuPy compute them gate-major, each gate a contiguous array, and copy them
-  into the step's (N, G) rows in one go.
+  into the step's (N, G) rows in one go. That array is time-major, (T, N, G),
+  so the step's rows are one contiguous block when the next step multiplies
+  them by ``Wh.T``: cuBLAS takes only C- or F-contiguous operands, and CuPy
+  copies any other before every product.
 * JAX, with or without a mask: forward and backward are each one
   ``jax.lax.scan`` over the cells' own ``step`` and ``step_backward``, so the
   loop is traced once, and compile time under ``jax.jit`` does not grow with T.
@@ -180,6 +183,18 @@ def _plus_product(lib: Any, out, c, a, b, scratch=None) -> None:
         lib.add(out, c, out=out)
 
 
+def _blas_operand(lib: Any, a):
+    """The 2-D ``a`` itself when it is C- or F-contiguous, else a C-contiguous copy.
+
+    For a matrix that a loop multiplies by at every step: cuBLAS takes only
+    those two layouts (CuPy copies any other array before each product), and
+    NumPy runs its slow loop without BLAS on some (every other column, say).
+    """
+    if isinstance(lib, _TorchOps):
+        return a if a.is_contiguous() or a.T.is_contiguous() else a.contiguous()
+    return a if a.flags.c_contiguous or a.flags.f_contiguous else lib.ascontiguousarray(a)
+
+
 def _halve_columns(lib: Any, a, blocks, G: int):
     """A copy of the weight or bias ``a`` (``G`` columns) with the column ``blocks`` halved.
 
@@ -214,6 +229,7 @@ def _elman(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
     # time-major projection, which so becomes hs without another buffer.
     hs = _project(lib, xs, Wx, bx, time_major=True)
     T, N, H = hs.shape
+    Wh = _blas_operand(lib, Wh)
     a = lib.empty((N, H), dtype=hs.dtype)
     saved, h_prev = [None] * T, [None] * T
     (h,) = state0
@@ -369,9 +385,9 @@ def _gru(lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state):
 
 
 def backward_fused(xp: ModuleType, cell: Any, tape: Any, douts, dstate_n):
-    """``(dax3, dah3, dstate0)`` of one direction, batch-major (N, T, G), or NotImplementedError.
+    """``(dax3, dah3, dstate0)`` of one direction, time-major (T, N, G), or NotImplementedError.
 
-    Each step writes its gate gradients into its slice of ``dax3`` (no
+    Each step writes its gate gradients into its contiguous slice of ``dax3`` (no
     per-step arrays, no stack after the loop; NumPy and CuPy compute them in
     gate-major scratch first, see `_gate_major_pays`), with the gradients of
     ``sigmoid`` and ``tanh`` computed from their outputs in place; the
@@ -387,15 +403,43 @@ def backward_fused(xp: ModuleType, cell: Any, tape: Any, douts, dstate_n):
     first = tape.saved[t]
     started = (*(first if isinstance(first, tuple) else (first,)), tape.h_prev[t])
     lib = _library(xp, douts, tape.xs, tape.Wx, tape.Wh, tape.bx, tape.bh, *dstate_n, *started)
-    if not isinstance(lib, _TorchOps) and cell.kind == "elman":
-        # Measured on the CPU (BENCHMARKS.md), forward+backward against the
-        # generic loop: torch 0.82-0.99x; NumPy LSTM 0.85-0.94x and GRU
-        # 0.85-0.96x (gate-major scratch), but Elman 0.94-1.07x: NumPy's small
-        # temporaries cost little, so Elman keeps the generic loop there.
+    if not _fused_backward_pays(lib, cell.kind):
         raise NotImplementedError
     loop = {"elman": _elman_backward, "lstm": _lstm_backward, "gru": _gru_backward}[cell.kind]
     with on_device_of(xp, douts):
         return loop(lib, cell, tape, douts, dstate_n)
+
+
+def input_grads(xp: ModuleType, xs, Wx, dax):
+    """``(dxs, dWx)`` from the time-major gate gradients ``dax`` (T, N, G) of `backward_fused`.
+
+    ``dWx = xs.T @ dax`` needs the rows of ``xs`` (N, T, D) in the same (t, n)
+    order: one time-major copy, cheaper than copying the wider ``dax``
+    batch-major, or than ``tensordot`` (which copies ``xs`` too, transposed
+    further). That buffer then receives ``dxs = dax @ Wx.T``, returned as its
+    (N, T, D) view, so the copy costs no allocation beyond the one ``dxs``
+    needs anyway: filling a freshly mapped buffer costs more than the copying.
+    """
+    lib = _library(xp, dax)
+    (T, N, G), D = dax.shape, xs.shape[2]
+    with on_device_of(xp, dax):
+        rows = lib.empty((T, N, D), dtype=dax.dtype)
+        lib.copyto(rows, lib.transpose(xs, (1, 0, 2)))
+        rows2, dax2 = rows.reshape(T * N, D), dax.reshape(T * N, G)
+        dWx = lib.matmul(rows2.T, dax2)
+        lib.matmul(dax2, _blas_operand(lib, Wx.T), out=rows2)
+    return lib.transpose(rows, (1, 0, 2)), dWx
+
+
+def _fused_backward_pays(lib: Any, kind: str) -> bool:
+    """Whether the fused backward loop of ``kind`` beats the generic loop on ``lib``.
+
+    Measured on the CPU (BENCHMARKS.md), forward+backward against the generic
+    loop: torch 0.82-0.99x; NumPy LSTM 0.85-0.94x and GRU 0.85-0.96x
+    (gate-major scratch), but Elman 0.94-1.07x: NumPy's small temporaries cost
+    little, so Elman keeps the generic loop there.
+    """
+    return isinstance(lib, _TorchOps) or kind != "elman"
 
 
 def _steps_back(T: int, reverse: bool) -> range:
@@ -437,14 +481,14 @@ def _output_grad(lib: Any, dh, d_t, carry, dA_prev, WhT):
 
 def _elman_backward(lib, cell, tape, douts, dstate_n):
     N, T, H = douts.shape
-    WhT = tape.Wh.T
-    dax = lib.empty((N, T, H), dtype=douts.dtype)
+    WhT = _blas_operand(lib, tape.Wh.T)
+    dax = lib.empty((T, N, H), dtype=douts.dtype)
     dh, tmp = lib.empty((N, H), dtype=douts.dtype), lib.empty((N, H), dtype=douts.dtype)
     (carry,) = dstate_n
     dt = None
     for t in _steps_back(T, tape.reverse):
         dh_t = _output_grad(lib, dh, douts[:, t, :], carry, dt, WhT)
-        carry, h, dt = None, tape.saved[t], dax[:, t, :]
+        carry, h, dt = None, tape.saved[t], dax[t]
         if cell.nonlinearity == "tanh":
             _tanh_grad(lib, dt, dh_t, h, tmp)
         else:
@@ -454,13 +498,13 @@ def _elman_backward(lib, cell, tape, douts, dstate_n):
 
 def _lstm_backward(lib, cell, tape, douts, dstate_n):
     N, T, H = douts.shape
-    dtype, WhT = douts.dtype, tape.Wh.T
-    dA3 = lib.empty((N, T, 4 * H), dtype=dtype)
+    dtype, WhT = douts.dtype, _blas_operand(lib, tape.Wh.T)
+    dA3 = lib.empty((T, N, 4 * H), dtype=dtype)
     # Gate-major: the gate gradients go into (4, N, H) scratch, like the
     # forward's saved gates, and into the (N, 4H) rows in one copy.
     transpose = _gate_major_pays(lib)
     if transpose:
-        dA4 = dA3.reshape(N, T, 4, H)  # a view: dA3 is contiguous
+        dA4 = dA3.reshape(T, N, 4, H)  # a view: dA3 is contiguous
         dgm = lib.empty((4, N, H), dtype=dtype)
         di, df, dg, do = dgm
     dh, dc, tmp, dtc = (lib.empty((N, H), dtype=dtype) for _ in range(4))
@@ -469,7 +513,7 @@ def _lstm_backward(lib, cell, tape, douts, dstate_n):
     dA = None
     for t in _steps_back(T, tape.reverse):
         dh_t = _output_grad(lib, dh, douts[:, t, :], carry, dA, WhT)
-        carry, (i, f, g, o, tc, c_prev), dA = None, tape.saved[t], dA3[:, t, :]
+        carry, (i, f, g, o, tc, c_prev), dA = None, tape.saved[t], dA3[t]
         if not transpose:
             di, df, dg, do = (dA[:, j * H : (j + 1) * H] for j in range(4))
         lib.multiply(dh_t, o, out=dtc)  # dc += dh * o * (1 - tc**2)
@@ -485,17 +529,17 @@ def _lstm_backward(lib, cell, tape, douts, dstate_n):
         _tanh_grad(lib, dg, dg, g, tmp)
         lib.multiply(dc, f, out=dc)  # what reaches the previous cell state
         if transpose:
-            lib.copyto(lib.transpose(dA4[:, t], (1, 0, 2)), dgm)
+            lib.copyto(lib.transpose(dA4[t], (1, 0, 2)), dgm)
     return dA3, dA3, (lib.matmul(dA, WhT), dc)
 
 
 def _gru_backward(lib, cell, tape, douts, dstate_n):
     N, T, H = douts.shape
-    dtype, WhT = douts.dtype, tape.Wh.T
-    dax3, dah3 = lib.empty((N, T, 3 * H), dtype=dtype), lib.empty((N, T, 3 * H), dtype=dtype)
+    dtype, WhT = douts.dtype, _blas_operand(lib, tape.Wh.T)
+    dax3, dah3 = lib.empty((T, N, 3 * H), dtype=dtype), lib.empty((T, N, 3 * H), dtype=dtype)
     transpose = _gate_major_pays(lib)  # gate-major scratch, as in `_lstm_backward`
     if transpose:
-        dax4 = dax3.reshape(N, T, 3, H)  # a view: dax3 is contiguous
+        dax4 = dax3.reshape(T, N, 3, H)  # a view: dax3 is contiguous
         dgm = lib.empty((3, N, H), dtype=dtype)
         dr, dz, dn = dgm
     dh, tmp, hz = (lib.empty((N, H), dtype=dtype) for _ in range(3))
@@ -503,7 +547,7 @@ def _gru_backward(lib, cell, tape, douts, dstate_n):
     dah = None
     for t in _steps_back(T, tape.reverse):
         dh_t = _output_grad(lib, dh, douts[:, t, :], carry, dah, WhT)
-        (r, z, n, ahn, h_prev), dax, dah = tape.saved[t], dax3[:, t, :], dah3[:, t, :]
+        (r, z, n, ahn, h_prev), dax, dah = tape.saved[t], dax3[t], dah3[t]
         if not transpose:
             dr, dz, dn = dax[:, :H], dax[:, H : 2 * H], dax[:, 2 * H :]
         lib.multiply(dh_t, z, out=hz)  # what reaches h_prev directly: dh * z
@@ -515,7 +559,7 @@ def _gru_backward(lib, cell, tape, douts, dstate_n):
         lib.multiply(dz, dh_t, out=dz)
         _sigmoid_grad(lib, dz, dz, z, tmp)
         if transpose:
-            lib.copyto(lib.transpose(dax4[:, t], (1, 0, 2)), dgm)
+            lib.copyto(lib.transpose(dax4[t], (1, 0, 2)), dgm)
         lib.copyto(dah[:, : 2 * H], dax[:, : 2 * H])
         lib.multiply(dn, r, out=dah[:, 2 * H :])
         carry = hz

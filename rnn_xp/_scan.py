@@ -83,7 +83,7 @@ def _bias_over_time(xp: ModuleType, b: Array) -> Array:
 
 
 def _rows(xp: ModuleType, a: Array) -> Array:
-    """(N, T, K) as (N*T, K), the rows of one matrix product."""
+    """(N, T, K) as (N*T, K), the rows of one matrix product (or (T, N, K) as (T*N, K))."""
     N, T, K = a.shape
     if N * T == 0:  # Dask cannot reshape an empty array; an empty one of the shape will do
         return zeros(xp, (0, K), a.dtype, device(a))
@@ -182,25 +182,36 @@ def backward(
     ``dstate_n`` with respect to the final state, None entries meaning zero.
     """
     xs, Wx, bx, bh, h_prev = tape.xs, tape.Wx, tape.bx, tape.bh, tape.h_prev
-    N, T = xs.shape[0], xs.shape[1]
     zero = zeros_like(xp, douts[:, 0, :])
+    time_major = False  # (N, T, G) gate gradients; the fused loops' are (T, N, G)
     if tape.stacked:
         dstate = tuple(zero if d is None else d for d in dstate_n)
         dax3, dah3, dstate, h_prev3 = _fastpath.backward_stacked(xp, cell, tape, douts, dstate)
     else:
         try:
             dax3, dah3, dstate = _fastpath.backward_fused(xp, cell, tape, douts, dstate_n)
+            time_major = True
         except NotImplementedError:
             dax3, dah3, dstate = _backward_loop(xp, cell, tape, douts, dstate_n, zero)
-        h_prev3 = xp.stack(h_prev, axis=1)
+        h_prev3 = xp.stack(h_prev, axis=0 if time_major else 1)
 
-    dax2, dah2 = _rows(xp, dax3), _rows(xp, dah3)
-    dxs = _unrows(xp, dax2 @ Wx.T, N, T)
-    dWx = _rows(xp, xs).T @ dax2
-    dWh = _rows(xp, h_prev3).T @ dah2
-    dbx = None if bx is None else _checks.sum_to_shape(xp, xp.sum(dax3, axis=1), tuple(bx.shape))
-    dbh = None if bh is None else _checks.sum_to_shape(xp, xp.sum(dah3, axis=1), tuple(bh.shape))
+    # The fused loops' time-major gradients pair with time-major rows of xs
+    # and h_prev: those of h_prev are stacked so above, xs's are copied.
+    if time_major:
+        dxs, dWx = _fastpath.input_grads(xp, xs, Wx, dax3)
+    else:
+        dax2 = _rows(xp, dax3)
+        dxs = _unrows(xp, dax2 @ Wx.T, xs.shape[0], xs.shape[1])
+        dWx = _rows(xp, xs).T @ dax2
+    dWh = _rows(xp, h_prev3).T @ _rows(xp, dah3)
+    dbx = None if bx is None else _sum_over_time(xp, dax3, time_major, bx)
+    dbh = None if bh is None else _sum_over_time(xp, dah3, time_major, bh)
     return dxs, dstate, dWx, dWh, dbx, dbh
+
+
+def _sum_over_time(xp: ModuleType, a: Array, time_major: bool, b: Array) -> Array:
+    """The gradient of the bias ``b`` from the gate gradients ``a``, (N, T, G) or (T, N, G)."""
+    return _checks.sum_to_shape(xp, xp.sum(a, axis=0 if time_major else 1), tuple(b.shape))
 
 
 def _backward_loop(xp, cell, tape, douts, dstate, zero):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from array_api_compat import array_namespace
 
 import rnn_xp
-from rnn_xp import _fastpath
+from rnn_xp import _fastpath, _scan
+from rnn_xp.model import MODES
 from tests.support import assert_close
 from tests.test_cells import draw, run_layer
 from tests.test_model import D, H, N, T, outputs, step_mask
@@ -120,3 +122,56 @@ def test_inference_peak_memory_is_output_projection_and_scratch(kind):
     inference = peak_bytes(lambda: _forward_backward(kind, a, False, inference=True))
     training = peak_bytes(lambda: _forward_backward(kind, a, False, inference=False))
     assert inference <= bound < training, (inference, bound, training)
+
+
+class _NumPyMultiplyingContiguousOnly:
+    """NumPy for the fused loops, whose ``matmul`` refuses a strided matrix.
+
+    The loops run the same code on CuPy, which copies an operand that is
+    neither C- nor F-contiguous before the product (cuBLAS takes only those
+    layouts), and computes into a temporary for an ``out`` that is not
+    C-contiguous. Counts the products it was asked for.
+    """
+
+    def __init__(self) -> None:
+        self.products = 0
+
+    def __getattr__(self, name: str):
+        return getattr(np, name)
+
+    def matmul(self, a, b, out=None):
+        for name, m in (("a", a), ("b", b)):
+            assert m.flags.c_contiguous or m.flags.f_contiguous, (name, m.shape, m.strides)
+        assert out is None or out.flags.c_contiguous, ("out", out.shape, out.strides)
+        self.products += 1
+        return np.matmul(a, b, out=out)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
+def test_fused_loops_multiply_only_contiguous_matrices(mode, reverse, monkeypatch):
+    # The backward's gate gradients are kept time-major, (T, N, G), so that the
+    # step's (N, G) block that the next step multiplies by Wh.T is contiguous;
+    # a batch-major (N, T, G) array's slice [:, t, :] is strided (N, T > 1).
+    lib = _NumPyMultiplyingContiguousOnly()
+    monkeypatch.setattr(_fastpath, "_library", lambda xp, *arrays: lib)
+    # On NumPy the Elman backward takes the generic loop; the fused one runs on
+    # CuPy's sibling, torch, and its slicing is what is checked here.
+    monkeypatch.setattr(_fastpath, "_fused_backward_pays", lambda lib, kind: True)
+    cell = MODES[mode]
+    n, t, d, h = 3, 5, 4, 6
+    g = cell.gates * h
+    rng = np.random.default_rng(3)
+    xs, Wx, Wh, b, dhs, h0, dh_n = (
+        rng.standard_normal(shape)
+        for shape in [(n, t, d), (d, g), (h, g), (g,), (n, t, h), (n, h), (n, h)]
+    )
+    state0 = (h0, np.zeros((n, h))) if mode == "lstm" else (h0,)
+    bh = b if mode == "gru" else None
+    xp = array_namespace(xs)
+    _, _, tape = _scan.forward(xp, cell, xs, Wx, Wh, b, bh, state0, reverse=reverse)
+    assert lib.products == t + 1  # the input projection and every step's h @ Wh
+    _scan.backward(xp, cell, tape, dhs, (dh_n, None) if mode == "lstm" else (dh_n,))
+    # The fused backward ran: T - 1 recurrent products, dh0's, and dWx's and
+    # dxs's from the time-major gradients.
+    assert lib.products == 2 * t + 3
