@@ -824,7 +824,6 @@ class Recurrent:
 
     # -- backward --------------------------------------------------------------
 
-    @on_model_device
     def step(
         self, x_t: Array, state: Array | tuple[Array, Array] | None = None
     ) -> tuple[Array, Array | tuple[Array, Array]]:
@@ -834,7 +833,8 @@ class Recurrent:
         returned, laid out as `forward`'s ``h0`` (for LSTM a pair ``(h, c)``).
         ``y_t`` (N, H) is the last layer's output. Unidirectional models only;
         no dropout applies (call `eval` first on a model that has some). See
-        `rnn_xp._streaming.step`.
+        `rnn_xp._streaming.step`, which enters the model's device where it
+        needs to (its NumPy path needs no entry: streaming lives on per-call cost).
         """
         return _streaming.step(self, x_t, state)
 
