@@ -11,6 +11,9 @@ Pure functions (no hidden state; the classes wrap them)
     gru_cell_forward, gru_cell_backward, gru_forward, gru_backward
 Sequence model (stacked, bidirectional, masks, dropout), weights on disk, torch interop
     Recurrent, load (and Recurrent.save), from_torch
+Your own cells
+    cells (the protocol: Cell, Param, Outer; sequence_forward, sequence_backward,
+    CellLayer), lstm_variants (projected, peephole and LayerNorm LSTMs built with it)
 Modules
     optim (SGD, Adam, clip_by_global_norm), batch (run a saved model over a .npy file)
 
@@ -18,7 +21,7 @@ Importing rnn_xp imports NumPy and array-api-compat only: torch, JAX, Dask and C
 are imported where an array or a backend of theirs is first used.
 """
 
-from . import batch, optim
+from . import batch, cells, lstm_variants, optim
 from .elman import (
     RNN,
     RNNLayer,
@@ -59,6 +62,7 @@ __all__ = [
     "Recurrent",
     "__version__",
     "batch",
+    "cells",
     "from_torch",
     "gru_backward",
     "gru_cell_backward",
@@ -69,6 +73,7 @@ __all__ = [
     "lstm_cell_backward",
     "lstm_cell_forward",
     "lstm_forward",
+    "lstm_variants",
     "optim",
     "rnn_backward",
     "rnn_cell_backward",

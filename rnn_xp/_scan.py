@@ -75,6 +75,8 @@ class Tape(NamedTuple):
     mask: Array | None  # bool, (N, T, 1)
     reverse: bool
     stacked: bool = False
+    widths: tuple[int, ...] = ()  # of each state array, (N, width); one entry per state
+    pre: Any = None  # what a generic cell's ``prepare`` kept for its backward
 
 
 def _bias_over_time(xp: ModuleType, b: Array) -> Array:
@@ -135,11 +137,16 @@ def forward(
         xs = xp.where(mask3, xs, zeros(xp, (), xs.dtype, device(xs)))
     stacked = False
     try:
+        if getattr(cell, "generic", False):  # no fused loop for a public cell
+            raise NotImplementedError
         outs, state, saved, h_prev = _fastpath.forward_fused(
             xp, cell, xs, Wx, bx, Wh, bh, state0, mask3, reverse, keep_tape, zero_state
         )
     except NotImplementedError:
         ax = project(xp, xs, Wx, bx)
+        pre = None
+        if getattr(cell, "generic", False):  # a `rnn_xp.cells.Cell`: its own input transform
+            ax, pre = cell.prepare(xp, ax, Wh, keep_tape)
         try:
             outs, state, saved, h_prev = _fastpath.forward(
                 xp, cell, ax, Wh, bh, state0, mask3, reverse, keep_tape
@@ -151,7 +158,11 @@ def forward(
             )
     if not keep_tape:
         return outs, state, None
-    return outs, state, Tape(xs, Wx, Wh, bx, bh, saved, h_prev, mask3, reverse, stacked)
+    widths = tuple(s.shape[1] for s in state0)
+    if not getattr(cell, "generic", False):
+        pre = None
+    tape = Tape(xs, Wx, Wh, bx, bh, saved, h_prev, mask3, reverse, stacked, widths, pre)
+    return outs, state, tape
 
 
 def _loop(xp, cell, ax, Wh, bh, state0, mask3, reverse, keep_tape):
@@ -182,18 +193,33 @@ def backward(
     ``dstate_n`` with respect to the final state, None entries meaning zero.
     """
     xs, Wx, bx, bh, h_prev = tape.xs, tape.Wx, tape.bx, tape.bh, tape.h_prev
-    zero = zeros_like(xp, douts[:, 0, :])
+    generic = getattr(cell, "generic", False)
+    if generic:
+        cell.check_backward(xp)
+    # A zero gradient for each state, (N, width): a generic cell's states may differ in width.
+    N = douts.shape[0]
+    zero = tuple(zeros(xp, (N, w), douts.dtype, device(douts)) for w in tape.widths)
     time_major = False  # (N, T, G) gate gradients; the fused loops' are (T, N, G)
     if tape.stacked:
-        dstate = tuple(zero if d is None else d for d in dstate_n)
+        dstate = tuple(z if d is None else d for z, d in zip(zero, dstate_n))
         dax3, dah3, dstate, h_prev3 = _fastpath.backward_stacked(xp, cell, tape, douts, dstate)
     else:
         try:
+            if generic:
+                raise NotImplementedError
             dax3, dah3, dstate = _fastpath.backward_fused(xp, cell, tape, douts, dstate_n)
             time_major = True
         except NotImplementedError:
             dax3, dah3, dstate = _backward_loop(xp, cell, tape, douts, dstate_n, zero)
-        h_prev3 = xp.stack(h_prev, axis=0 if time_major else 1)
+        h_prev3 = None if generic else xp.stack(h_prev, axis=0 if time_major else 1)
+    if generic:
+        # The cell's own parameter gradients (``dah3``: per step), then those of
+        # its input transform, which turn ``dax3`` into the projection's gradient.
+        dax3, dparams = cell.param_grads(xp, dax3, dah3, tape)
+        dxs = _unrows(xp, _rows(xp, dax3) @ Wx.T, xs.shape[0], xs.shape[1])
+        dWx = _rows(xp, xs).T @ _rows(xp, dax3)
+        dbx = None if bx is None else _sum_over_time(xp, dax3, False, bx)
+        return dxs, dstate, dWx, dparams, dbx, None
 
     # The fused loops' time-major gradients pair with time-major rows of xs
     # and h_prev: those of h_prev are stacked so above, xs's are copied.
@@ -221,7 +247,7 @@ def _backward_loop(xp, cell, tape, douts, dstate, zero):
     dax, dah = [None] * T, [None] * T
     # The last step's h gradient is only douts when dh_n was omitted: no zero to add.
     h_given = dstate[0] is not None
-    dstate = tuple(zero if d is None else d for d in dstate)
+    dstate = tuple(z if d is None else d for z, d in zip(zero, dstate))
     for t in range(T) if reverse else reversed(range(T)):
         dnew = (douts[:, t, :] + dstate[0] if h_given else douts[:, t, :], *dstate[1:])
         h_given = True
@@ -229,12 +255,14 @@ def _backward_loop(xp, cell, tape, douts, dstate, zero):
             dstate, dax[t], dah[t] = cell.step_backward(xp, dnew, saved[t], tape.Wh)
         else:
             m = mask3[:, t, :]
-            dstep = tuple(xp.where(m, d, zero) for d in dnew)
+            dstep = tuple(xp.where(m, d, z) for d, z in zip(dnew, zero))
             dprev, dax[t], dah[t] = cell.step_backward(xp, dstep, saved[t], tape.Wh)
             # A masked step passed the state through (and output a constant
             # zero): the state's gradient passes back through it unchanged.
-            dstate = tuple(p + xp.where(m, zero, d) for p, d in zip(dprev, dstate))
+            dstate = tuple(p + xp.where(m, z, d) for p, d, z in zip(dprev, dstate, zero))
     dax3 = xp.stack(dax, axis=1)
+    if getattr(cell, "generic", False):  # per-step parameter gradients: the cell sums them
+        return dax3, dah, dstate
     # Elman and LSTM steps return one array as both: stack it once.
     same = all(a is b for a, b in zip(dax, dah))
     return dax3, dax3 if same else xp.stack(dah, axis=1), dstate

@@ -75,7 +75,8 @@ def _plan(model: Any) -> _Plan:
     if plan is not None and plan.params is model._params:
         return plan
     params = model._params
-    numpy = all(type(a) is np.ndarray for a in params.values())
+    # The in-place path has the fused kinds' steps only; a public cell's runs its own.
+    numpy = model.cell.kind in _LAYER_STEPS and all(type(a) is np.ndarray for a in params.values())
     # Only NumPy's path uses the views; elsewhere even a transpose would be an
     # operation (a node of torch's graph, a JAX tracer kept past its trace).
     layers = []
@@ -292,7 +293,7 @@ _LAYER_STEPS = {"elman": _elman, "lstm": _lstm, "gru": _gru}
 @on_model_device
 def _generic_step(model: Any, x_t: Array, state: Any) -> tuple:
     """The step on any array library: validated as `forward` validates, the cells' own step."""
-    lstm = model.cell.kind == "lstm"
+    lstm = model.cell.n_states == 2
     h0, c0 = model._split_state("state", state, lstm)
     names = ("state[0]", "state[1]") if lstm else ("state", "")
     first = model._names(0, 0)[0]
@@ -309,23 +310,26 @@ def _generic_step(model: Any, x_t: Array, state: Any) -> tuple:
                 "like= an array of the input's library and device"
             ) from None
         raise
-    L, H = model.num_layers, model.hidden_size
+    L = model.num_layers
     _checks.check_shape("x_t", x_t, [("N", None), ("D", model.input_size)])
     N = x_t.shape[0]
-    for name, s in zip(names, (h0, c0)):
+    for name, s, (label, w) in zip(names, (h0, c0), model._state_labels()):
         if s is not None:
-            _checks.check_shape(name, s, [("num_layers", L), ("N", N), ("H", H)])
+            _checks.check_shape(name, s, [("num_layers", L), ("N", N), (label, w)])
     x, h0, c0 = cast(xp, dtype, x_t, h0, c0)
 
     h_n, c_n = [], []
     for layer in range(L):
         state0 = tuple(
-            zeros(xp, (N, H), dtype, dev) if s is None else s[layer, ...]
-            for s in ((h0, c0) if lstm else (h0,))
+            zeros(xp, (N, w), dtype, dev) if s is None else s[layer, ...]
+            for s, w in zip((h0, c0) if lstm else (h0,), model._widths)
         )
         Wx, Wh, bx, bh = model._weights(xp, dtype, layer, 0)
         ax = x @ Wx
-        new, _ = model.cell.step(xp, ax if bx is None else ax + bx, state0, Wh, bh)
+        ax = ax if bx is None else ax + bx
+        if getattr(model.cell, "generic", False):  # a public cell's input transform, one row
+            ax = model.cell.prepare(xp, xp.expand_dims(ax, axis=1), Wh, False)[0][:, 0, :]
+        new, _ = model.cell.step(xp, ax, state0, Wh, bh)
         x = new[0]
         h_n.append(x)
         c_n.extend(new[1:])

@@ -34,7 +34,7 @@ from .batch import (
     physical_memory,
 )
 from .io import WeightsError, partial_path
-from .model import MODES, Recurrent
+from .model import MODES, TORCH_MODES, Recurrent
 
 PROG = "rnn-xp"
 DESCRIPTION = (
@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--mode",
-        choices=list(MODES),
+        choices=list(TORCH_MODES),
         help="The cell kind; needed for a plain RNN (rnn_tanh or rnn_relu), whose state_dict "
         "does not say its nonlinearity. Default: inferred from the state_dict.",
     )
@@ -378,18 +378,22 @@ def _weights_output(path: str, option: str) -> str:
 
 def parameter_count(
     mode: str, input_size: int, hidden_size: int, num_layers: int, bidirectional: bool, bias: bool
-) -> tuple[int, int]:
-    """``(total, largest)``: the model's parameter count and its largest array's size."""
-    G = MODES[mode].gates
-    dirs, H = (2 if bidirectional else 1), hidden_size
-
-    def layer(D: int) -> int:  # one layer, every direction
-        return dirs * (G * H * (D + H) + (2 * G * H if bias else 0))
-
-    # In closed form: --num-layers may be huge, and is then refused by its size.
-    total = layer(input_size) + (num_layers - 1) * layer(dirs * H)
-    largest = G * H * max(input_size, H, dirs * H if num_layers > 1 else 0)
-    return total, largest
+) -> tuple[int, int, int]:
+    """``(total, largest, arrays)``: the model's parameter count, its largest array's size
+    and its number of arrays."""
+    # In closed form from the first two layers (every later one is the second's
+    # like): --num-layers may be huge, and is then refused by its size.
+    model = Recurrent._configured(
+        mode, input_size, hidden_size, min(num_layers, 2), bias, bidirectional=bidirectional
+    )
+    dirs = model.num_directions
+    layers = [
+        [math.prod(p.shape) for p in model._layer_specs(k).values()]
+        for k in range(model.num_layers)
+    ]
+    total = dirs * (sum(layers[0]) + (num_layers - 1) * sum(layers[-1]))
+    largest = max(max(sizes) for sizes in layers)
+    return total, largest, num_layers * dirs * len(layers[0])
 
 
 def _check_memory(needed: int, options: str, what: str) -> None:
@@ -403,7 +407,7 @@ def _check_memory(needed: int, options: str, what: str) -> None:
 
 def init(args: argparse.Namespace) -> int:
     out = _weights_output(args.out, "--out")
-    total, largest = parameter_count(
+    total, largest, arrays = parameter_count(
         args.mode,
         args.input_size,
         args.hidden_size,
@@ -416,7 +420,6 @@ def init(args: argparse.Namespace) -> int:
     what = f"a {args.mode} model of {total:,} parameters ({args.dtype})"
     # Each array also costs its Python object and, on disk, its archive entry
     # and header: a few hundred bytes, which dominate for many tiny layers.
-    arrays = args.num_layers * (2 if args.bidirectional else 1) * (2 if args.no_bias else 4)
     # The parameters, plus one float64 draw of the largest before rounding to dtype.
     _check_memory(total * itemsize + largest * 8 + 1024 * arrays, sizes, what)
     check_space(out, "--out", total * itemsize + 512 * arrays)
@@ -560,7 +563,7 @@ def train(args: argparse.Namespace) -> int:
     V, H = len(set(load_text())), args.hidden_size
     seq_len, batch = 32, 16
     itemsize = 4 if args.dtype == "float32" else 8
-    total, _ = parameter_count("lstm", V, H, 1, False, True)
+    total, _, _ = parameter_count("lstm", V, H, 1, False, True)
     total += H * V + V  # the readout
     # Parameters, gradients, Adam's two moments, the updated copy, the model's
     # own; plus one step's activations and backward cache.

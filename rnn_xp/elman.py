@@ -321,7 +321,7 @@ def rnn_backward(
 
     # The Elman step saves only its output, so hs rebuilds the forward's tape.
     outs = [hs_[:, t, :] for t in range(T)]
-    tape = _scan.Tape(xs_, Wx_, Wh_, b_, None, outs, [h0_, *outs[:-1]], None, False)
+    tape = _scan.Tape(xs_, Wx_, Wh_, b_, None, outs, [h0_, *outs[:-1]], None, False, widths=(H,))
     dxs, (dh0,), dWx, dWh, db, _ = _scan.backward(xp, cell, tape, dhs_, (dh_n_,))
     dxs, dh0, dWx, dWh, db = cast_back(xp, [dxs, dh0, dWx, dWh, db], [xs, h0, Wx, Wh, b])
     return dxs, dh0, dWx, dWh, db

@@ -1,5 +1,9 @@
 """Weights on disk: `save`, `load` and `load_torch`.
 
+Writing (`save`, `partial_path`, the format's constants) lives in
+`rnn_xp._format`, which does not import `rnn_xp.model`; this module reads, and
+re-exports them.
+
 Two formats, chosen by the file's suffix:
 
 * ``.npz``: one array per parameter, under torch's names, plus ``__config__``, the
@@ -9,7 +13,11 @@ Two formats, chosen by the file's suffix:
 
 The configuration holds ``format``, ``mode``, ``input_size``, ``hidden_size``,
 ``num_layers``, ``bidirectional``, ``nonlinearity``, ``bias``, ``batch_first``,
-``dropout`` and ``dtype``. Extra arrays (a readout layer, say) may be saved beside
+``dropout`` and ``dtype``, and ``proj_size`` when it is not 0 (an LSTM with
+projections; files without it read as 0, as they did before it existed).
+``mode`` is a built-in one (`rnn_xp.MODES`) or the ``kind`` of a user's
+`rnn_xp.cells.Cell`, which `load` then needs back: ``load(path, cells=MyCell())``
+(a file holds parameters, never code). Extra arrays (a readout layer, say) may be saved beside
 the model under keys starting with ``extra.``; `load_extra` returns them. A round
 trip reproduces the parameters bit for bit.
 
@@ -34,37 +42,41 @@ import struct
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from array_api_compat import array_namespace
 
-from ._backends import refusal
-from ._backends import to_numpy as _to_numpy
-from .model import MODES, Recurrent, _dtype_name
+from ._format import (
+    CONFIG_KEYS,
+    DTYPES,
+    EXTRA,
+    FORMAT,
+    OPTIONAL_KEYS,
+    WeightsError,
+    _config,  # noqa: F401 (re-exported, as before the split)
+    _differences,
+    _is_int,
+    _kind,
+    _MissingPackage,
+    _names,
+    _nonlinearity,
+    _NotFound,
+    _reason,
+    _safetensors,
+    _short,
+    _Source,
+    _suffix,
+    _text,
+    partial_path,  # noqa: F401 (re-exported: rnn_xp.cli imports it from here)
+    save,
+)
+from .cells import Cell
+from .model import MODES, TORCH_MODES, Recurrent
 
 __all__ = ["WeightsError", "infer_config", "load", "load_extra", "load_torch", "save"]
-
-FORMAT = 1
-EXTRA = "extra."
-CONFIG_KEYS = (
-    "format",
-    "mode",
-    "input_size",
-    "hidden_size",
-    "num_layers",
-    "bidirectional",
-    "nonlinearity",
-    "bias",
-    "batch_first",
-    "dropout",
-    "dtype",
-)
-DTYPES = ("float16", "float32", "float64")
-"""Parameter dtypes both formats (and NumPy) hold."""
 
 # Limits on what a file may claim before it is believed. A .npy header of ours is
 # under 128 bytes and a configuration under 400 characters; a model's safetensors
@@ -103,88 +115,9 @@ _ZIP_ERRORS = (
     NotImplementedError,
     RuntimeError,
 )
-_KINDS = {dict: "dict", list: "list", str: "string", bool: "bool", int: "integer", float: "number"}
+# torch's parameter names (weight_hr: an LSTM's projections), less _l{k} and _reverse.
 _TORCH_KEY = re.compile(r"(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(0|[1-9][0-9]{0,5})")
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be read as a model: one line, naming the argument.
-
-    ``argument`` is the name under which the caller gave the file (``path`` in
-    the Python API; the command line puts its option, such as ``--weights``,
-    there) and ``detail`` says what is wrong with it, naming the file. A missing
-    file raises a subclass that is also a `FileNotFoundError`; a missing optional
-    package (``safetensors``, ``torch``) one that is also an `ImportError`.
-    """
-
-    def __init__(self, argument: str, detail: str) -> None:
-        super().__init__(f"{argument}: {detail}")
-        self.argument, self.detail = argument, detail
-
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:
-        # Raised in Dask workers too: it must survive pickling, and its args are
-        # not its constructor's.
-        return type(self), (self.argument, self.detail)
-
-
-class _NotFound(WeightsError, FileNotFoundError):
-    """A weights file that does not exist."""
-
-
-class _MissingPackage(WeightsError, ImportError):
-    """A weights file whose format needs an optional package that is not installed."""
-
-
-class _Source(NamedTuple):
-    """Where the tensors come from, for error messages: the argument and how to name it."""
-
-    argument: str  # 'path' or 'state'
-    name: str  # the file's path as repr, or 'the state_dict'
-
-    def __str__(self) -> str:
-        return self.name
-
-    def error(self, detail: str) -> WeightsError:
-        return WeightsError(self.argument, detail)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut to one short line (values read from a file can be anything)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _names(keys: Any, limit: int = 4) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(_short(k, 40) for k in keys[:limit])
-    return f"[{shown}{', ...' if len(keys) > limit else ''}]"
-
-
-def _differences(missing: Any, unexpected: Any) -> str:
-    """``missing [...], unexpected [...]``, leaving out an empty one."""
-    parts = [f"missing {_names(missing)}"] if missing else []
-    if unexpected:
-        parts.append(f"unexpected {_names(unexpected)}")
-    return ", ".join(parts)
-
-
-def _reason(exc: BaseException) -> str:
-    """A library's message as one short line."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _kind(value: Any) -> str:
-    """What ``value`` is, in words: 'a list', 'a torch.Tensor', 'None'."""
-    if value is None:
-        return "None"
-    kind = type(value)
-    return f"a {_KINDS.get(kind) or kind.__module__ + '.' + kind.__qualname__}"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+"""The modes of torch.nn.RNN (two nonlinearities), LSTM and GRU."""
 
 
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
@@ -192,40 +125,70 @@ def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def _text(path: Any) -> str:
-    try:
-        text = os.fsdecode(os.fspath(path))
-    except TypeError:
-        raise TypeError(
-            f"path: expected a str or os.PathLike, got {type(path).__module__}."
-            f"{type(path).__name__}"
-        ) from None
-    if "\0" in text:
-        raise WeightsError("path", f"{text!r} contains a NUL character")
-    return text
-
-
 # -- configuration ------------------------------------------------------------
 
 
-def _config(model: Recurrent) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "mode": model.mode,
-        "input_size": model.input_size,
-        "hidden_size": model.hidden_size,
-        "num_layers": model.num_layers,
-        "bidirectional": model.bidirectional,
-        "nonlinearity": model.mode.removeprefix("rnn_") if model.mode.startswith("rnn") else None,
-        "bias": model.bias,
-        "batch_first": model.batch_first,
-        "dropout": model.dropout,
-        "dtype": _dtype_name(model._dtype),
-    }
+def _what(value: Any) -> str:
+    """What a ``cells`` argument is: a type's name, or a Cell class with how to make one."""
+    if isinstance(value, type):
+        name = f"{value.__module__}.{value.__qualname__}"
+        if issubclass(value, Cell):
+            return f"the class {name}, not an instance of it ({value.__name__}())"
+        return f"the class {name}"
+    return f"{type(value).__module__}.{type(value).__qualname__}"
 
 
-def _check_config(src: _Source, config: Any) -> dict[str, Any]:
-    """``config`` (parsed JSON) if it is a configuration this version reads."""
+def _cells(cells: Any) -> dict[str, Cell]:
+    """The user cells given to a loader, by kind; TypeError or ValueError naming ``cells``."""
+    if cells is None:
+        return {}
+    if isinstance(cells, Cell):
+        items: Sequence[Any] = (cells,)
+    elif isinstance(cells, Sequence) and not isinstance(cells, (str, bytes, bytearray)):
+        items = cells
+    else:
+        raise TypeError(
+            f"cells: expected an rnn_xp.cells.Cell instance or a list of them, got {_what(cells)}"
+        )
+    out: dict[str, Cell] = {}
+    where: dict[str, int] = {}  # each kind's item, for messages
+    for i, cell in enumerate(items):
+        if not isinstance(cell, Cell):
+            raise TypeError(
+                f"cells: item {i} is {_what(cell)}; expected an instance of a subclass of "
+                "rnn_xp.cells.Cell"
+            )
+        kind = cell.kind
+        if not isinstance(kind, str) or not kind:
+            raise TypeError(
+                f"cells: item {i}, {cell!r}, has kind {_short(kind)}; expected a non-empty string"
+            )
+        if kind in MODES:
+            if MODES[kind] is cell:
+                continue  # the built-in cell itself: the mode's name says as much
+            raise ValueError(
+                f"cells: item {i}, {cell!r}, has kind {kind!r}, the name of a built-in mode; "
+                "give its class a kind of its own"
+            )
+        if kind in out and out[kind] is not cell:
+            raise ValueError(
+                f"cells: items {where[kind]} and {i} are both of kind {kind!r}; "
+                "expected one cell per kind"
+            )
+        out[kind] = cell
+        where.setdefault(kind, i)
+    return out
+
+
+def _check_config(
+    src: _Source, config: Any, cells: Mapping[str, Cell], call: str = "load"
+) -> dict[str, Any]:
+    """``config`` (parsed JSON) if it is a configuration this version reads.
+
+    ``cells`` are the user cells given to the loader, by kind: a ``mode`` that
+    is not built in must be one of them (WeightsError naming ``cells``, the
+    file's other checks passed, otherwise; ``call`` names the loader in it).
+    """
 
     def bad(key: str, expected: str) -> WeightsError:
         return src.error(
@@ -244,12 +207,12 @@ def _check_config(src: _Source, config: Any) -> dict[str, Any]:
             f"reads format {FORMAT}: upgrade rnn-xp"
         )
     missing = [k for k in CONFIG_KEYS if k not in config]
-    unexpected = [k for k in config if k not in CONFIG_KEYS]
+    unexpected = [k for k in config if k not in CONFIG_KEYS + OPTIONAL_KEYS]
     if missing or unexpected:
         raise src.error(f"{src}: the configuration's keys: {_differences(missing, unexpected)}")
     mode = config["mode"]
-    if not isinstance(mode, str) or mode not in MODES:
-        raise bad("mode", f"one of {', '.join(map(repr, MODES))}")
+    if not isinstance(mode, str) or not mode:
+        raise bad("mode", f"one of {', '.join(map(repr, MODES))} or a cell's kind (a string)")
     for key in ("input_size", "hidden_size", "num_layers"):
         if not _is_int(config[key]) or config[key] < 1:
             raise bad(key, "a positive integer")
@@ -261,24 +224,43 @@ def _check_config(src: _Source, config: Any) -> dict[str, Any]:
         raise bad("dropout", "a probability in [0, 1)")
     if config["dtype"] not in DTYPES:
         raise bad("dtype", f"one of {', '.join(map(repr, DTYPES))}")
-    nonlinearity = mode.removeprefix("rnn_") if mode.startswith("rnn") else None
+    nonlinearity = _nonlinearity(mode)
     if config["nonlinearity"] != nonlinearity:
-        raise bad("nonlinearity", f"{nonlinearity!r} for mode {mode!r}")
+        raise bad("nonlinearity", f"{nonlinearity!r} for mode {_short(mode)}")
+    if "proj_size" in config:
+        proj_size = config["proj_size"]
+        if not _is_int(proj_size) or proj_size < 0:
+            raise bad("proj_size", "a non-negative integer")
+        if proj_size and mode != "lstm":
+            raise bad("proj_size", f"0 for mode {_short(mode)}: only mode 'lstm' has projections")
+        if proj_size >= config["hidden_size"]:
+            raise bad("proj_size", f"less than hidden_size ({config['hidden_size']})")
+    if mode not in MODES and mode not in cells:
+        given = f" (the cells given are of kind {_names(cells)})" if cells else ""
+        raise WeightsError(
+            "cells",
+            f"{src}: the model's mode {_short(mode)} is not a built-in one; pass its cell, an "
+            f"rnn_xp.cells.Cell of kind {_short(mode)}: {call}(path, cells=MyCell()){given}",
+        )
     return dict(config)
 
 
-def _parse_config(src: _Source, text: str) -> dict[str, Any]:
+def _parse_config(
+    src: _Source, text: str, cells: Mapping[str, Cell], call: str = "load"
+) -> dict[str, Any]:
     try:
         config = json.loads(text)
     except (ValueError, RecursionError) as exc:  # not JSON, too deep, too many digits
         raise src.error(f"{src}: the configuration is not valid JSON ({_reason(exc)})") from None
-    return _check_config(src, config)
+    return _check_config(src, config, cells, call)
 
 
 def _describe(config: dict[str, Any]) -> str:
+    proj_size = config.get("proj_size", 0)
     return (
         f"{config['mode']}, input_size {config['input_size']}, hidden_size "
-        f"{config['hidden_size']}, {config['num_layers']} layer(s)"
+        f"{config['hidden_size']}{f', proj_size {proj_size}' if proj_size else ''}, "
+        f"{config['num_layers']} layer(s)"
         f"{', bidirectional' if config['bidirectional'] else ''}"
         f"{'' if config['bias'] else ', no bias'}"
     )
@@ -294,17 +276,25 @@ class _Tensor(NamedTuple):
     shape: tuple[int, ...]
 
 
-def _configured(src: _Source, config: dict[str, Any], like: Any) -> Recurrent:
-    """The model ``config`` describes, with no parameters: nothing is allocated."""
-    args = [config[k] for k in ("mode", "input_size", "hidden_size", "num_layers", "bias")]
+def _configured(
+    src: _Source, config: dict[str, Any], like: Any, cells: Mapping[str, Cell]
+) -> Recurrent:
+    """The model ``config`` describes, with no parameters: nothing is allocated.
+
+    ``config`` is checked (`_check_config`), its mode built in or one of ``cells``.
+    """
+    mode = config["mode"]
+    args = [config[k] for k in ("input_size", "hidden_size", "num_layers", "bias")]
     try:
         return Recurrent._configured(
+            mode if mode in MODES else cells[mode],
             *args,
             batch_first=config["batch_first"],
             bidirectional=config["bidirectional"],
             dropout=config["dropout"],
             like=like,
             dtype=config["dtype"],
+            proj_size=config.get("proj_size", 0),
         )
     except TypeError as exc:
         if like is None:
@@ -316,19 +306,27 @@ def _configured(src: _Source, config: dict[str, Any], like: Any) -> Recurrent:
         ) from None
 
 
-def _check_tensors(src: _Source, config: dict[str, Any], found: dict[str, _Tensor]) -> None:
+def _check_tensors(
+    src: _Source,
+    config: dict[str, Any],
+    found: dict[str, _Tensor],
+    cells: Mapping[str, Cell] | None = None,
+) -> None:
     """Check that ``found`` (the model's tensors, extras left out) fits ``config`` exactly.
 
-    The number of tensors is compared first, by arithmetic, so a configuration
-    claiming 10**9 layers costs nothing; the names, dtypes and shapes then.
+    The number of tensors is compared first, by arithmetic (one layer's count,
+    from the configured model, which holds no parameters, times the layers),
+    so a configuration claiming 10**9 layers costs nothing; the names, dtypes
+    and shapes then.
     """
-    per_layer = (4 if config["bias"] else 2) * (2 if config["bidirectional"] else 1)
+    model = _configured(src, config, None, cells or {})
+    per_layer = len(model._layer_specs(0)) * model.num_directions
     needed = per_layer * config["num_layers"]
     if needed > len(found) + 64:
         raise src.error(
             f"{src} holds {len(found)} parameter arrays; expected {needed} for {_describe(config)}"
         )
-    shapes = _configured(src, config, None)._shapes()
+    shapes = model._shapes()
     missing, unexpected = set(shapes) - set(found), set(found) - set(shapes)
     if missing or unexpected:
         raise src.error(
@@ -352,9 +350,9 @@ def _check_tensors(src: _Source, config: dict[str, Any], found: dict[str, _Tenso
 def _build(
     src: _Source, config: dict[str, Any], params: dict[str, np.ndarray], like: Any
 ) -> Recurrent:
-    """A model of ``config`` holding ``params``; WeightsError unless they fit exactly."""
+    """A model of ``config`` (a built-in mode) holding ``params``; WeightsError unless they fit."""
     _check_tensors(src, config, {k: _Tensor(v.dtype, tuple(v.shape)) for k, v in params.items()})
-    model = _configured(src, config, like)
+    model = _configured(src, config, like, {})
     model.load_state_dict(params)
     return model
 
@@ -369,113 +367,6 @@ def _check_like(like: Any) -> None:
             "like: expected an array of the library, on the device, that should hold the "
             f"parameters, got {type(like).__module__}.{type(like).__name__}"
         ) from None
-
-
-# -- save -------------------------------------------------------------------------
-
-
-def _suffix(path: str) -> str:
-    suffix = Path(path).suffix
-    if suffix not in (".npz", ".safetensors"):
-        raise WeightsError("path", f"expected a .npz or .safetensors file, got {path!r}")
-    return suffix
-
-
-def _safetensors(src: _Source, doing: str) -> Any:
-    """The ``safetensors`` package, or a one-line error naming the extra that installs it."""
-    try:
-        import safetensors
-        import safetensors.numpy
-    except ImportError:
-        raise _MissingPackage(
-            src.argument,
-            f"{doing} {src} needs the safetensors package; pip install 'rnn-xp[io]'",
-        ) from None
-    return safetensors
-
-
-def partial_path(path: str | os.PathLike) -> str:
-    """The name `save` writes ``path`` under before renaming it: ``w.npz.partial.npz``."""
-    p = Path(path)
-    return str(p.with_name(p.name + ".partial" + p.suffix))
-
-
-def save(model: Recurrent, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-    """Write ``model`` (and ``extra`` arrays) to ``path`` (.npz or .safetensors).
-
-    Parameters
-    ----------
-    model : Recurrent
-        Its parameters must be float16, float32 or float64.
-    path : str or os.PathLike
-        Ends in ``.npz`` or ``.safetensors``; its folder must exist.
-    extra : dict of str to array, optional
-        Saved under ``extra.<key>``; each a bool, integer or float16/32/64 array
-        of any supported library.
-
-    Notes
-    -----
-    The file is written as ``<path>.partial<suffix>`` in the same folder and
-    renamed, so an interrupted save never leaves a file that looks complete (and
-    removes the partial file when it fails). The file gets the mode a plain
-    ``open()`` gives, that is ``0o666`` less the process umask, in both formats.
-    """
-    if not isinstance(model, Recurrent):
-        raise TypeError(f"model: expected a Recurrent, got {type(model).__name__}")
-    text = _text(path)
-    suffix = _suffix(text)
-    src = _Source("path", repr(text))
-    target = Path(text)
-    if os.path.isdir(target):
-        raise WeightsError("path", f"{text!r} is a folder; expected a {suffix} file to write")
-    if not os.path.isdir(target.parent):
-        raise WeightsError("path", f"the folder of {text!r} does not exist")
-    st = _safetensors(src, "writing") if suffix == ".safetensors" else None
-    dtype = _dtype_name(model._dtype)
-    if dtype not in DTYPES:
-        raise TypeError(
-            f"model: its parameters are {dtype}; {suffix} files hold {', '.join(DTYPES)} "
-            "(convert the model first)"
-        )
-    arrays = {k: np.ascontiguousarray(_to_numpy(v)) for k, v in model.state_dict().items()}
-    for k, v in (extra or {}).items():
-        odd = refusal(v)  # a masked array's mask would be dropped
-        if odd is not None:
-            raise TypeError(f"extra: {_short(k)}: expected a plain array, got {odd}")
-        a = np.ascontiguousarray(_to_numpy(v))
-        if not isinstance(k, str) or a.dtype.kind not in "biuf" or a.dtype.itemsize > 8:
-            # An object array would be pickled into the .npz, which load refuses.
-            raise TypeError(
-                f"extra: expected str keys and bool, integer or float16/32/64 arrays, got "
-                f"{_short(k)} of dtype {a.dtype}"
-            )
-        arrays[EXTRA + k] = a
-    config = json.dumps(_config(model))
-    tmp = Path(partial_path(text))
-    failures = (OSError,) if st is None else (OSError, st.SafetensorError)
-    done = False
-    try:
-        with suppress(FileNotFoundError):  # a stale partial file would keep its old mode
-            os.unlink(tmp)
-        # os.umask can only be read by setting it, for every thread at once; a file
-        # created by open() has exactly the mode the umask (and the folder) allow.
-        with open(tmp, "xb") as f:
-            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-            if st is None:
-                np.savez(f, __config__=np.array(config), **arrays)
-        if st is not None:
-            # safetensors writes a 0600 temporary file of its own and renames it.
-            st.numpy.save_file(arrays, str(tmp), metadata={"rnn_xp": config})
-            os.chmod(tmp, mode)
-        os.replace(tmp, target)
-        done = True
-    except failures as exc:
-        reason = getattr(exc, "strerror", None) or _reason(exc)
-        raise WeightsError("path", f"cannot write {text!r} ({reason})") from None
-    finally:
-        if not done:
-            with suppress(OSError):
-                os.unlink(tmp)
 
 
 # -- reading files ------------------------------------------------------------------
@@ -809,12 +700,14 @@ def _safetensors_entry(src: _Source, name: str, entry: Any) -> tuple[_Tensor, in
     return tensor, offsets[0], offsets[1]
 
 
-def _read(path: str | os.PathLike, like: Any, extra: bool) -> tuple[dict[str, Any], Any]:
+def _read(
+    path: str | os.PathLike, like: Any, extra: bool, cells: Mapping[str, Cell]
+) -> tuple[dict[str, Any], Any]:
     """The configuration and either the model (``extra`` False) or the extra arrays.
 
     Every header, extras' too (so that `load` and `load_extra` accept the same
     files), is checked, and the model's against the configuration, before any
-    data is read.
+    data is read. ``cells``: the user cells given, by kind (see `_cells`).
     """
     text = _text(path)
     suffix = _suffix(text)
@@ -825,18 +718,18 @@ def _read(path: str | os.PathLike, like: Any, extra: bool) -> tuple[dict[str, An
         else:
             _safetensors(src, "reading")
             reader = _Safetensors(src, f, size, text)
-        config = _parse_config(src, reader.config())
+        config = _parse_config(src, reader.config(), cells, "load_extra" if extra else "load")
         found = {k: reader.header(k) for k in reader.names()}
         params = [k for k in found if not k.startswith(EXTRA)]
-        _check_tensors(src, config, {k: found[k] for k in params})
+        _check_tensors(src, config, {k: found[k] for k in params}, cells)
         if extra:
             return config, reader.read([k for k in found if k.startswith(EXTRA)])
-        model = _configured(src, config, like)
+        model = _configured(src, config, like, cells)
         model.load_state_dict(reader.read(params))
         return config, model
 
 
-def load(path: str | os.PathLike, like: Any = None) -> Recurrent:
+def load(path: str | os.PathLike, like: Any = None, cells: Any = None) -> Recurrent:
     """Read a model written by `save`; its parameters go to ``like``'s namespace and device.
 
     Parameters
@@ -845,23 +738,33 @@ def load(path: str | os.PathLike, like: Any = None) -> Recurrent:
         A ``.npz`` or ``.safetensors`` file.
     like : array, optional
         Its library and device receive the parameters; NumPy when None.
+    cells : rnn_xp.cells.Cell or sequence of them, optional
+        The user cells the file's model may be of: a file whose mode is not a
+        built-in one (`rnn_xp.MODES`) holds the parameters of a cell whose
+        ``kind`` is that mode, and needs an instance of it here (a file never
+        holds code). Ignored for a built-in mode.
 
     Raises
     ------
     WeightsError
         For any file that is not exactly a model written by `save` (missing,
         damaged, truncated, of another format, or inconsistent); one line.
+        Its ``argument`` is ``cells`` for a model of a user cell not in ``cells``.
+    TypeError, ValueError
+        For ``cells`` that are not `rnn_xp.cells.Cell` instances, one per kind.
     """
+    kinds = _cells(cells)
     _check_like(like)
-    return _read(path, like, extra=False)[1]
+    return _read(path, like, extra=False, cells=kinds)[1]
 
 
-def load_extra(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_extra(path: str | os.PathLike, cells: Any = None) -> dict[str, np.ndarray]:
     """The extra arrays saved beside the model, without their ``extra.`` prefix.
 
-    The file is checked as `load` checks it, model included.
+    The file is checked as `load` checks it, model included: a model of a user
+    cell needs that cell in ``cells``, as for `load`.
     """
-    _, arrays = _read(path, None, extra=True)
+    _, arrays = _read(path, None, extra=True, cells=_cells(cells))
     return {k[len(EXTRA) :]: v for k, v in arrays.items()}
 
 
@@ -877,13 +780,18 @@ def infer_config(
     plain RNN ('rnn_tanh' or 'rnn_relu', which must then be given as ``mode``)
     and ``batch_first``. The whole ``state`` is checked against the result:
     names, dtypes (one floating dtype) and shapes, every layer and direction.
+    The result is a configuration as `save` writes it: ``proj_size`` is there
+    only for an LSTM with projections.
 
     Parameters
     ----------
     state : dict of str to numpy.ndarray
         ``weight_ih_l{k}`` (G*H, D or directions*H), ``weight_hh_l{k}`` (G*H, H),
         optionally ``bias_ih_l{k}``, ``bias_hh_l{k}`` (G*H,), and the same with
-        ``_reverse`` for a bidirectional module; G is 1, 3 or 4 gates.
+        ``_reverse`` for a bidirectional module; G is 1, 3 or 4 gates. An LSTM
+        with projections (``proj_size`` P) adds ``weight_hr_l{k}`` (P, H); its
+        ``weight_hh_l{k}`` is then (4H, P), and layer k > 0 takes
+        directions*P features.
     mode : {None, 'rnn_tanh', 'rnn_relu', 'lstm', 'gru'}
     batch_first : bool
 
@@ -900,9 +808,11 @@ def _infer(
     src: _Source, state: Mapping[str, Any], mode: str | None, batch_first: bool
 ) -> dict[str, Any]:
     where = "" if src.argument == "state" else f" in {src}"
-    if mode is not None and (not isinstance(mode, str) or mode not in MODES):
+    if mode is not None and (not isinstance(mode, str) or mode not in TORCH_MODES):
         raise WeightsError(
-            "mode", f"expected None or one of {', '.join(map(repr, MODES))}, got {_short(mode)}"
+            "mode",
+            f"expected None or one of {', '.join(map(repr, TORCH_MODES))}, got {_short(mode)}"
+            f"{' (torch has no such module)' if mode in MODES else ''}",
         )
     if not isinstance(batch_first, (bool, np.bool_)):
         raise TypeError(f"batch_first: expected a bool, got {_short(batch_first)}")
@@ -926,10 +836,6 @@ def _infer(
             f"{src} has keys {_names(map(str, unexpected))} that are not torch.nn.RNN, LSTM or "
             f"GRU parameters (weight_ih_l0, weight_hh_l0, ...){hint}"
         )
-    if any(kind == "weight_hr" for kind, _, _ in parsed.values()):
-        raise src.error(
-            f"{src} holds weight_hr_l* tensors: LSTM projections (proj_size) are not supported"
-        )
     for key, value in state.items():
         if not isinstance(value, np.ndarray):
             raise src.error(f"{src}: {key} is {_kind(value)}; expected an array")
@@ -943,13 +849,29 @@ def _infer(
             f"{src}: weight_ih_l0 has shape {_short(w_ih.shape)} and weight_hh_l0 "
             f"{_short(w_hh.shape)}; expected (G*H, D) and (G*H, H) with D, H >= 1"
         )
-    H = int(w_hh.shape[1])
-    G, rest = divmod(int(w_hh.shape[0]), H)
-    if rest or G not in (1, 3, 4):
-        raise src.error(
-            f"{src}: weight_hh_l0 has shape {w_hh.shape}; expected (G*H, H) with G = 1 (RNN), "
-            "3 (GRU) or 4 (LSTM) gates"
-        )
+    P = 0  # proj_size: an LSTM with projections has weight_hr_l{k} (P, H)
+    if "weight_hr_l0" in state:
+        w_hr = state["weight_hr_l0"]
+        if w_hr.ndim != 2 or not 1 <= w_hr.shape[0] < w_hr.shape[1]:
+            raise src.error(
+                f"{src}: weight_hr_l0 has shape {_short(w_hr.shape)}; expected (P, H) with "
+                "1 <= P < H, an LSTM's projections (proj_size P, hidden_size H)"
+            )
+        P, H = int(w_hr.shape[0]), int(w_hr.shape[1])  # H from the cell state's side
+        if w_hh.shape != (4 * H, P):
+            raise src.error(
+                f"{src}: weight_hh_l0 has shape {w_hh.shape}; expected (4*H, P) = "
+                f"{(4 * H, P)} for an LSTM with projections (weight_hr_l0 {w_hr.shape})"
+            )
+        G = 4
+    else:
+        H = int(w_hh.shape[1])
+        G, rest = divmod(int(w_hh.shape[0]), H)
+        if rest or G not in (1, 3, 4):
+            raise src.error(
+                f"{src}: weight_hh_l0 has shape {w_hh.shape}; expected (G*H, H) with G = 1 "
+                "(RNN), 3 (GRU) or 4 (LSTM) gates"
+            )
     layers = sorted({layer for _, layer, _ in parsed.values()})
     if layers != list(range(len(layers))):
         raise src.error(
@@ -983,12 +905,14 @@ def _infer(
         "hidden_size": H,
         "num_layers": len(layers),
         "bidirectional": bool(reverse),
-        "nonlinearity": mode.removeprefix("rnn_") if mode.startswith("rnn") else None,
+        "nonlinearity": _nonlinearity(mode),
         "bias": "bias_ih_l0" in state,
         "batch_first": bool(batch_first),
         "dropout": 0.0,
         "dtype": dtypes[0],
     }
+    if P:
+        config["proj_size"] = P
     _check_tensors(src, config, {k: _Tensor(v.dtype, tuple(v.shape)) for k, v in state.items()})
     return config
 
@@ -1002,9 +926,9 @@ def load_torch(
     ----------
     path : str or os.PathLike
         What ``torch.save(module.state_dict(), path)`` wrote for a
-        ``torch.nn.RNN``, ``LSTM`` or ``GRU`` (torch's zip format, the default
-        since torch 1.6). A checkpoint ``{"state_dict": ..., ...}`` (or
-        ``"model_state_dict"``) is unwrapped.
+        ``torch.nn.RNN``, ``LSTM`` (projections, ``proj_size``, included) or
+        ``GRU`` (torch's zip format, the default since torch 1.6). A checkpoint
+        ``{"state_dict": ..., ...}`` (or ``"model_state_dict"``) is unwrapped.
     mode : {None, 'rnn_tanh', 'rnn_relu', 'lstm', 'gru'}
         Needed for a plain RNN, whose state_dict does not say its nonlinearity.
     batch_first : bool
@@ -1015,7 +939,7 @@ def load_torch(
     -----
     The file is memory-mapped (``mmap=True``), so storages are views of it and a
     pickle claiming a huge storage allocates nothing; the zip archive's stated
-    sizes are checked first. LSTM projections (``proj_size``) are refused.
+    sizes are checked first.
 
     Raises
     ------

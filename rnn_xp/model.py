@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device, is_numpy_array, to_device
 
-from . import _checks, _chunks, _scan, _streaming
+from . import _checks, _chunks, _scan, _streaming, cells
 from ._backends import (
     arange,
     asarray,
@@ -33,18 +33,24 @@ from ._layer import cast, result_dtype
 from .elman import ElmanCell
 from .gru import GRUCell
 from .lstm import LSTMCell
+from .lstm_variants import LayerNormLSTMCell, PeepholeLSTMCell, ProjectedLSTMCell
 
 Array = Any
 
 __all__ = ["MODES", "Recurrent", "from_torch"]
 
-MODES: dict[str, _scan.Cell] = {
+MODES: dict[str, Any] = {
     "rnn_tanh": ElmanCell("tanh"),
     "rnn_relu": ElmanCell("relu"),
     "lstm": LSTMCell(),
     "gru": GRUCell(),
+    "lstm_peephole": PeepholeLSTMCell(),
+    "lstm_layernorm": LayerNormLSTMCell(),
 }
-"""The cell behind each ``mode``."""
+"""The cell behind each ``mode``: the fused kinds of `_scan`, or `rnn_xp.cells.Cell` ones."""
+
+TORCH_MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+"""The modes of torch's own modules (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``)."""
 
 
 def _floating(xp: ModuleType, dtype: Any, dev: Any) -> Any:
@@ -106,7 +112,10 @@ class Recurrent:
 
     Parameters
     ----------
-    mode : {'rnn_tanh', 'rnn_relu', 'lstm', 'gru'}
+    mode : {'rnn_tanh', 'rnn_relu', 'lstm', 'gru', 'lstm_peephole', 'lstm_layernorm'} or Cell
+        The cell of every layer: a built-in one by name (the last two are the
+        peephole and layer-normalised LSTMs of `rnn_xp.lstm_variants`), or an
+        instance of your own `rnn_xp.cells.Cell`.
     input_size : int
         D, the features of each step of the input.
     hidden_size : int
@@ -127,6 +136,10 @@ class Recurrent:
         NumPy when None.
     dtype : str or dtype, default 'float32'
         Floating dtype of the parameters.
+    proj_size : int, default 0
+        For mode 'lstm', torch's projections: each layer's output and h are
+        ``(o * tanh(c)) @ weight_hr.T``, P = ``proj_size`` wide (0 < P < H),
+        with ``weight_hr_l{k}`` (P, H); c stays H wide.
 
     Notes
     -----
@@ -156,6 +169,7 @@ class Recurrent:
         seed: int | None = None,
         like: Array | None = None,
         dtype: Any = "float32",
+        proj_size: int = 0,
     ) -> None:
         self._configure(
             mode,
@@ -168,12 +182,18 @@ class Recurrent:
             dropout,
             like=like,
             dtype=dtype,
+            proj_size=proj_size,
         )
         rng = _generator("seed", seed)
         k = 1 / np.sqrt(self.hidden_size)
+        draws = {
+            "uniform": lambda shape: rng.uniform(-k, k, shape),
+            "ones": np.ones,
+            "zeros": np.zeros,
+        }
         self._params = {
-            name: asarray(self._xp, rng.uniform(-k, k, shape), self._dtype, self._device)
-            for name, shape in self._shapes().items()
+            name: asarray(self._xp, draws[init](shape), self._dtype, self._device)
+            for name, (shape, init) in self._specs().items()
         }
 
     @classmethod
@@ -203,16 +223,51 @@ class Recurrent:
         *,
         like: Array | None = None,
         dtype: Any = "float32",
+        proj_size: int = 0,
     ) -> None:
-        if not isinstance(mode, str) or mode not in MODES:
-            raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        if isinstance(mode, cells.Cell):
+            cell = mode
+            mode = str(cell.kind)
+            if mode in MODES and MODES[mode] != cell:
+                raise ValueError(
+                    f"mode: the cell's kind {mode!r} is the name of a built-in mode; give "
+                    f"{type(cell).__name__} a kind of its own"
+                )
+        elif not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(
+                f"mode: expected one of {', '.join(map(repr, MODES))} or an rnn_xp.cells.Cell, "
+                f"got {mode!r}"
+            )
+        else:
+            cell = MODES[mode]
+        if isinstance(proj_size, bool) or not isinstance(proj_size, (int, np.integer)):
+            raise ValueError(f"proj_size: expected a non-negative integer, got {proj_size!r}")
+        if proj_size:
+            if mode != "lstm":
+                raise ValueError(f"proj_size: only mode 'lstm' has projections, got mode {mode!r}")
+            if not 0 < proj_size < _positive("hidden_size", hidden_size):
+                raise ValueError(
+                    f"proj_size: expected 0 (none) or 0 < proj_size < hidden_size={hidden_size}, "
+                    f"got {proj_size}"
+                )
+            cell = ProjectedLSTMCell(int(proj_size))
+        self.proj_size = int(proj_size)
         number = isinstance(dropout, (int, float, np.floating, np.integer))
         if isinstance(dropout, bool) or not number or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         self.mode = mode
-        self.cell = MODES[mode]
+        # The time loop's cell: a fused kind of `_scan`, or a public cell's kernel.
+        self.cell = cells.kernel(cell) if isinstance(cell, cells.Cell) else cell
         self.input_size = _positive("input_size", input_size)
         self.hidden_size = _positive("hidden_size", hidden_size)
+        own = self.cell.cell if getattr(self.cell, "generic", False) else None
+        self._own = own  # the public cell, or None for a fused kind
+        # The width of each state array; the first is the output's, per direction.
+        self._widths = (
+            tuple(int(w) for w in own.state_sizes(self.hidden_size))
+            if own is not None
+            else (self.hidden_size,) * self.cell.n_states
+        )
         self.num_layers = _positive("num_layers", num_layers)
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
@@ -237,13 +292,15 @@ class Recurrent:
         self._dtype = _floating(self._xp, dtype, self._device)
 
     def __repr__(self) -> str:
-        args = [repr(self.mode), str(self.input_size), str(self.hidden_size)]
+        first = repr(self.mode) if self._own is None or self.mode in MODES else repr(self._own)
+        args = [first, str(self.input_size), str(self.hidden_size)]
         defaults = {
             "num_layers": 1,
             "bias": True,
             "batch_first": False,
             "bidirectional": False,
             "dropout": 0.0,
+            "proj_size": 0,
         }
         args += [f"{k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v]
         library = self._xp.__name__.removeprefix("array_api_compat.")
@@ -332,23 +389,35 @@ class Recurrent:
     # -- parameters ----------------------------------------------------------
 
     def _names(self, layer: int, direction: int) -> tuple[str, str, str, str]:
-        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        suffix = _suffix(layer, direction)
         return tuple(
             f"{kind}{suffix}" for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         )
 
+    def _layer_specs(self, layer: int) -> dict[str, cells.Param]:
+        """One layer's parameters (each direction has its own) by base name, in saving order."""
+        D = self.input_size if layer == 0 else self._widths[0] * self.num_directions
+        if self._own is not None:
+            return cells.specs(self._own, D, self.hidden_size, self.bias)
+        G, H = self.cell.gates, self.hidden_size
+        specs = {"weight_ih": cells.Param((G * H, D)), "weight_hh": cells.Param((G * H, H))}
+        if self.bias:
+            specs["bias_ih"] = specs["bias_hh"] = cells.Param((G * H,), bias=True)
+        return specs
+
+    def _specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Every parameter's name, shape and initialisation, in torch's order."""
+        out = {}
+        for layer in range(self.num_layers):
+            specs = self._layer_specs(layer)
+            for direction in range(self.num_directions):
+                suffix = _suffix(layer, direction)
+                out.update({k + suffix: (p.shape, p.init) for k, p in specs.items()})
+        return out
+
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         """torch's parameter names and shapes, in torch's order."""
-        G, H = self.cell.gates, self.hidden_size
-        shapes = {}
-        for layer in range(self.num_layers):
-            D = self.input_size if layer == 0 else H * self.num_directions
-            for direction in range(self.num_directions):
-                w_ih, w_hh, b_ih, b_hh = self._names(layer, direction)
-                shapes[w_ih], shapes[w_hh] = (G * H, D), (G * H, H)
-                if self.bias:
-                    shapes[b_ih], shapes[b_hh] = (G * H,), (G * H,)
-        return shapes
+        return {name: shape for name, (shape, _) in self._specs().items()}
 
     @on_model_device
     def state_dict(self) -> dict[str, Array]:
@@ -398,7 +467,7 @@ class Recurrent:
 
     def save(self, path: Any, extra: Mapping[str, Array] | None = None) -> None:
         """Write the model to ``path`` (.npz or .safetensors); see `rnn_xp.io.save`."""
-        from .io import save
+        from ._format import save  # the writing side of rnn_xp.io, which imports no model
 
         save(self, path, dict(extra or {}))
 
@@ -412,7 +481,16 @@ class Recurrent:
         return self.train(False)
 
     def _weights(self, xp: ModuleType, dtype: Any, layer: int, direction: int):
-        """``(Wx, Wh, bx, bh)`` of one layer and direction, as the cells take them."""
+        """``(Wx, Wh, bx, bh)`` of one layer and direction, as the cells take them.
+
+        For a public cell, ``Wh`` is the dict of its own parameters and ``bh`` None.
+        """
+        if self._own is not None:
+            suffix = _suffix(layer, direction)
+            names = [k for k in self._layer_specs(layer)]
+            arrays = cast(xp, dtype, *(self._params[k + suffix] for k in names))
+            Wx, bx, own = cells.split(self._own, dict(zip(names, arrays)))
+            return Wx, own, bx, None
         w_ih, w_hh, b_ih, b_hh = cast(
             xp, dtype, *(self._params.get(n) for n in self._names(layer, direction))
         )
@@ -565,7 +643,7 @@ class Recurrent:
 
     def _forward(self, xs, h0, lengths, mask, known, dropout_seed, dropout_masks, inference):
         """`forward` of one array; ``known``: the lengths as Python ints, if they were."""
-        lstm = isinstance(self.cell, LSTMCell)
+        lstm = self.cell.n_states == 2
         h0, c0 = self._split_state("h0", h0, lstm)
         dropout = self.training and self.dropout > 0 and self.num_layers > 1
         if inference and not dropout:
@@ -597,7 +675,6 @@ class Recurrent:
                     "like= an array of the input's library and device"
                 ) from None
             raise
-        H = self.hidden_size
         N, T, steps = self._check_inputs(xp, dev, xs, h0, c0, lengths, mask, known)
         keep = self._dropout_masks(xp, dtype, dev, N, T, dropout_seed, dropout_masks)
 
@@ -609,7 +686,8 @@ class Recurrent:
             for direction in range(self.num_directions):
                 i = layer * self.num_directions + direction
                 state0 = tuple(
-                    zeros(xp, (N, H), dtype, dev) if s is None else s[i, ...] for s in given
+                    zeros(xp, (N, w), dtype, dev) if s is None else s[i, ...]
+                    for s, w in zip(given, self._widths)
                 )
                 Wx, Wh, bx, bh = self._weights(xp, dtype, layer, direction)
                 out, state_n, tapes[i] = _scan.forward(
@@ -648,7 +726,7 @@ class Recurrent:
 
         ``steps`` is the (N, T) bool mask of valid steps, or None (see `_step_mask`).
         """
-        H, S = self.hidden_size, self.num_layers * self.num_directions
+        S = self.num_layers * self.num_directions
         _checks.check_shape(
             "xs",
             xs,
@@ -660,10 +738,10 @@ class Recurrent:
         N, T = (xs.shape[0], xs.shape[1]) if self.batch_first else (xs.shape[1], xs.shape[0])
         if T < 1:
             raise ValueError(f"xs: expected at least one time step, got shape {tuple(xs.shape)}")
-        for name, s in (("h0", h0), ("c0", c0)):
+        for (name, s), (label, w) in zip((("h0", h0), ("c0", c0)), self._state_labels()):
             if s is not None:
                 _checks.check_shape(
-                    name, s, [("num_layers*num_directions", S), ("N", N), ("H", H)], ""
+                    name, s, [("num_layers*num_directions", S), ("N", N), (label, w)], ""
                 )
         return N, T, self._step_mask(xp, dev, N, T, lengths, mask, known)
 
@@ -674,8 +752,7 @@ class Recurrent:
         which tasks cannot; refused once ``xs`` is known to be a Dask array.
         """
         axis = 0 if self.batch_first else 1
-        H = self.hidden_size
-        F, S = self.num_directions * H, self.num_layers * self.num_directions
+        F, S = self.num_directions * self._widths[0], self.num_layers * self.num_directions
         light = copy.copy(self)  # what each task receives: parameters, no cache
         light._cache, light.grads, light.dh0, light.dc0 = None, None, None, None
 
@@ -694,7 +771,7 @@ class Recurrent:
             _, T, _ = self._check_inputs(xp, dev, xs, h0, c0, lengths, mask, known)
             dtype = result_dtype(xs, self._params[self._names(0, 0)[0]], h0, c0)
             out = [(axis, (None, T, F) if self.batch_first else (T, None, F), dtype)]
-            return out + [(1, (S, None, H), dtype)] * (2 if lstm else 1)
+            return out + [(1, (S, None, w), dtype) for w in self._widths]
 
         out, *states = _chunks.on_dask_chunks(
             _model_chunk,
@@ -717,13 +794,19 @@ class Recurrent:
             return self
         return self._copy(xp, dev, getattr(xp, _dtype_name(self._dtype)))
 
+    def _state_labels(self) -> list[tuple[str, int]]:
+        """How each state's last axis is named in messages, and its width."""
+        names = ("H", "H") if self.proj_size == 0 else ("proj_size", "H")
+        return list(zip(names, self._widths))
+
     def _split_state(self, name: str, state: Any, lstm: bool) -> tuple[Array | None, Array | None]:
         if state is None:
             return None, None
         if lstm:
             if not (isinstance(state, tuple) and len(state) == 2):
                 raise TypeError(
-                    f"{name}: expected a pair (h, c) for mode 'lstm', got {type(state).__name__}"
+                    f"{name}: expected a pair (h, c) for mode {self.mode!r}, got "
+                    f"{type(state).__name__}"
                 )
             return state
         if isinstance(state, tuple):
@@ -797,7 +880,7 @@ class Recurrent:
         """Scaled keep-masks, batch-major, one per layer boundary; None when off."""
         if not (self.training and self.dropout > 0 and self.num_layers > 1):
             return None
-        F = self.num_directions * self.hidden_size
+        F = self.num_directions * self._widths[0]
         scale = 1 / (1 - self.dropout)
         if masks is None:
             if seed is None:
@@ -874,7 +957,7 @@ class Recurrent:
                     "dout: expected one array, as the forward took one; a list answers a "
                     "forward of a list of sequences"
                 )
-            F = self.num_directions * self.hidden_size
+            F = self.num_directions * self._widths[0]
             xp, _, _, padded = self._padded("dout", dout, "F", F, known)
             return self._split(xp, self._backward(padded, dh_n), known)
         if known is not None:
@@ -887,19 +970,23 @@ class Recurrent:
 
     def _backward(self, dout: Array, dh_n: Array | tuple | None) -> Array:
         c = self._cache
-        lstm = isinstance(self.cell, LSTMCell)
+        lstm = self.cell.n_states == 2
         dh_n, dc_n = self._split_state("dh_n", dh_n, lstm)
         xp, _, _ = _checks.common(dout=dout, dh_n=dh_n, dc_n=dc_n, xs=c["xs"])
-        N, T, H, F = c["N"], c["T"], self.hidden_size, self.num_directions * self.hidden_size
+        if self._own is not None:
+            self.cell.check_backward(xp)
+        N, T = c["N"], c["T"]
+        H = self._widths[0]  # of the output, per direction
+        F = self.num_directions * H
         S = self.num_layers * self.num_directions
         out_shape = (
             [("N", N), ("T", T), ("F", F)] if self.batch_first else [("T", T), ("N", N), ("F", F)]
         )
         _checks.check_shape("dout", dout, out_shape, "to match the forward's output")
-        for name, s in (("dh_n", dh_n), ("dc_n", dc_n)):
+        for (name, s), (label, w) in zip((("dh_n", dh_n), ("dc_n", dc_n)), self._state_labels()):
             if s is not None:
                 _checks.check_shape(
-                    name, s, [("num_layers*num_directions", S), ("N", N), ("H", H)]
+                    name, s, [("num_layers*num_directions", S), ("N", N), (label, w)]
                 )
         dout, dh_n, dc_n = cast(xp, c["dtype"], dout, dh_n, dc_n)
 
@@ -922,6 +1009,14 @@ class Recurrent:
                 dh0[i] = dstate0[0]
                 if lstm:
                     dc0[i] = dstate0[1]
+                if self._own is not None:
+                    suffix = _suffix(layer, direction)
+                    w, b = self._own.projection
+                    grads.update({k + suffix: g for k, g in dWh.items()})
+                    grads[w + suffix] = dWx.T
+                    if b is not None and b + suffix in self._params:
+                        grads[b + suffix] = dbx
+                    continue
                 w_ih, w_hh, b_ih, b_hh = self._names(layer, direction)
                 grads[w_ih], grads[w_hh] = dWx.T, dWh.T
                 if self.bias:
@@ -938,6 +1033,11 @@ class Recurrent:
         self.dc0 = xp.stack(dc0, axis=0) if lstm else None
         dxs = self._batch_major(xp, d)
         return dxs if dxs.dtype == c["xs"].dtype else xp.astype(dxs, c["xs"].dtype)
+
+
+def _suffix(layer: int, direction: int) -> str:
+    """What torch appends to a parameter's name: ``_l0``, ``_l1_reverse``."""
+    return f"_l{layer}" + ("_reverse" if direction else "")
 
 
 def _python_lengths(lengths: Sequence[Any]) -> tuple[int, ...]:
@@ -969,8 +1069,7 @@ def from_torch(module: Any, like: Array | None = None) -> Recurrent:
     ----------
     module : torch.nn.RNN, torch.nn.LSTM or torch.nn.GRU
         Any ``num_layers``, ``bidirectional``, ``nonlinearity``, ``bias``,
-        ``batch_first``, ``dropout``; LSTM projections (``proj_size``) cannot be
-        mapped.
+        ``batch_first``, ``dropout``, and LSTM projections (``proj_size``).
     like : array or None
         The parameters go into ``like``'s namespace and onto its device; NumPy
         when None. The module's dtype is kept.
@@ -986,11 +1085,6 @@ def from_torch(module: Any, like: Array | None = None) -> Recurrent:
         raise TypeError(
             "module: expected a torch.nn.RNN, torch.nn.LSTM or torch.nn.GRU, got "
             f"{type(module).__module__}.{name}"
-        )
-    if getattr(module, "proj_size", 0):
-        raise ValueError(
-            f"module: an LSTM with proj_size={module.proj_size} cannot be mapped "
-            "(rnn_xp's LSTM has no projection)"
         )
     mode = kinds[name] or f"rnn_{module.nonlinearity}"
     if any(p.is_meta for p in module.parameters()):
@@ -1008,6 +1102,7 @@ def from_torch(module: Any, like: Array | None = None) -> Recurrent:
             dropout=module.dropout,
             like=like,
             dtype=dtype,
+            proj_size=getattr(module, "proj_size", 0),
         )
     except TypeError as exc:
         if not str(exc).startswith("dtype:"):

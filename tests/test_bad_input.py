@@ -272,8 +272,7 @@ def test_from_torch_rejects_what_it_cannot_map():
         rnn_xp.from_torch(torch.nn.Linear(2, 3))
     with pytest.raises(TypeError, match=r"module: expected .* got torch.nn.modules.rnn.LSTMCell"):
         rnn_xp.from_torch(torch.nn.LSTMCell(2, 3))
-    with pytest.raises(ValueError, match=r"module: an LSTM with proj_size=2 cannot be mapped"):
-        rnn_xp.from_torch(torch.nn.LSTM(4, 3, proj_size=2))
+    assert rnn_xp.from_torch(torch.nn.LSTM(4, 3, proj_size=2)).proj_size == 2  # mapped now
     with pytest.raises(
         TypeError, match=r"module: its parameters are bfloat16, which like.s library cannot hold"
     ):

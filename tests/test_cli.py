@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -151,6 +152,28 @@ def test_convert_a_real_torch_state_dict(tmp_path):
         got = rnn_xp.load(tmp_path / f"w{suffix}").forward(xs)[0]
         want = module(torch.asarray(xs))[0].detach().numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# torch warns that its float32 CPU forward with projections does without oneDNN.
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_convert_an_lstm_with_projections(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    module = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=2)
+    torch.save(module.state_dict(), tmp_path / "m.pt")
+    for suffix in (".npz", ".safetensors"):
+        if suffix == ".safetensors" and importlib.util.find_spec("safetensors") is None:
+            continue
+        result = rnn_xp_cmd("convert", tmp_path / "m.pt", tmp_path / f"w{suffix}")
+        assert "lstm, D=4, H=6, 2 layer(s), bidirectional" in result.stdout
+        model = rnn_xp.load(tmp_path / f"w{suffix}")
+        assert model.proj_size == 2
+        xs = np.random.default_rng(1).standard_normal((5, 3, 4)).astype(np.float32)
+        got, (h, c) = model.forward(xs)
+        want, (h_t, c_t) = module(torch.asarray(xs))
+        np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(h, h_t.detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(c, c_t.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_convert_asks_for_the_mode_of_a_plain_rnn(tmp_path):

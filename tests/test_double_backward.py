@@ -2,7 +2,7 @@
 
 rnn_xp's forward is made of the library's own differentiable operations: on
 torch, autograd records the generic loop (the fused in-place loops step aside
-whenever autograd records, `_fastpath._library`); on JAX, the loop is a
+whenever autograd records, `_fused_torch.ops`); on JAX, the loop is a
 ``lax.scan``, which JAX differentiates to any order. So a gradient penalty
 works through rnn_xp on both, where cuDNN's RNN kernels refuse the second
 backward (pytorch/pytorch#5261; torch's own CPU kernels take it, as the last

@@ -8,7 +8,7 @@ import pytest
 from array_api_compat import array_namespace
 
 import rnn_xp
-from rnn_xp import _fastpath, _scan
+from rnn_xp import _fastpath, _fused_numpy, _scan
 from rnn_xp.model import MODES
 from tests.support import assert_close
 from tests.test_cells import draw, run_layer
@@ -157,7 +157,7 @@ def test_fused_loops_multiply_only_contiguous_matrices(mode, reverse, monkeypatc
     monkeypatch.setattr(_fastpath, "_library", lambda xp, *arrays: lib)
     # On NumPy the Elman backward takes the generic loop; the fused one runs on
     # CuPy's sibling, torch, and its slicing is what is checked here.
-    monkeypatch.setattr(_fastpath, "_fused_backward_pays", lambda lib, kind: True)
+    monkeypatch.setattr(_fused_numpy, "_fused_backward_pays", lambda lib, kind: True)
     cell = MODES[mode]
     n, t, d, h = 3, 5, 4, 6
     g = cell.gates * h

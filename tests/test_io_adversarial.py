@@ -485,8 +485,8 @@ BAD_CONFIGS = [
     ("huge H", _set("hidden_size", 10**12), "weight_ih_l0 has shape (8, 3); expected (4000000"),
     ("huge L", _set("num_layers", 10**9), "holds 8 parameter arrays; expected 8000000000 for"),
     ("huge D", _set("input_size", 10**30), "weight_ih_l0 has shape (8, 3); expected (8, 10000"),
-    ("mode", _set("mode", "transformer"), "mode is 'transformer'; expected one of 'rnn_tanh'"),
     ("mode list", _set("mode", ["lstm"]), "mode is ['lstm']; expected one of"),
+    ("mode empty", _set("mode", ""), "mode is ''; expected one of 'rnn_tanh', 'rnn_relu', 'lstm'"),
     ("other mode", _set("mode", "gru"), "weight_ih_l0 has shape (8, 3); expected (6, 3) for gru"),
     ("dtype int", _set("dtype", "int32"), "dtype is 'int32'; expected one of 'float16', "),
     ("dtype bf16", _set("dtype", "bfloat16"), "dtype is 'bfloat16'; expected one of"),
@@ -501,6 +501,23 @@ BAD_CONFIGS = [
     ("bf null", _set("batch_first", None), "batch_first is None; expected true or false"),
     ("tanh", _set("nonlinearity", "tanh"), "nonlinearity is 'tanh'; expected None for mode"),
     ("unidirectional", _set("bidirectional", False), "1 layer(s); unexpected ['bias_hh_l0_rev"),
+    ("proj text", _set("proj_size", "1"), "proj_size is '1'; expected a non-negative integer"),
+    ("proj bool", _set("proj_size", True), "proj_size is True; expected a non-negative integer"),
+    ("proj < 0", _set("proj_size", -1), "proj_size is -1; expected a non-negative integer"),
+    ("proj float", _set("proj_size", 1.0), "proj_size is 1.0; expected a non-negative integer"),
+    ("proj = H", _set("proj_size", 2), "proj_size is 2; expected less than hidden_size (2)"),
+    ("proj huge", _set("proj_size", 10**12), "proj_size is 1000000000000; expected less than"),
+    (
+        "proj gru",
+        lambda c: c | {"mode": "gru", "proj_size": 1},
+        "proj_size is 1; expected 0 for mode 'gru': only mode 'lstm' has projections",
+    ),
+    (
+        "proj 1",
+        _set("proj_size", 1),
+        "hidden_size 2, proj_size 1, 1 layer(s), bidirectional; missing ['weight_hr_l0', 'weight_h",
+    ),
+    ("proj key", _set("proj", 1), "the configuration's keys: unexpected ['proj']"),
 ]
 
 
@@ -534,6 +551,29 @@ def test_valid_changes_to_the_configuration_load(tmp_path, suffix):
     assert model.batch_first
     assert model.dropout == 0.0
     assert_same_state(model)
+    write_model_file(path, CONFIG | {"proj_size": 0})  # the default, written out
+    assert rnn_xp.load(path).proj_size == 0
+    assert_same_state(rnn_xp.load(path))
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("mode", ["transformer", "LSTM", "rnn", "x" * 500])
+def test_a_mode_that_is_not_built_in_asks_for_its_cell(tmp_path, suffix, mode):
+    # The file may hold a user cell's parameters: only its cell can say; no other check fails.
+    needs(suffix)
+    path = tmp_path / f"w{suffix}"
+    write_model_file(path, CONFIG | {"mode": mode})
+    for call, name in ((rnn_xp.load, "load"), (io.load_extra, "load_extra")):
+        with pytest.raises(WeightsError) as info:
+            call(path)
+        error = info.value
+        assert error.argument == "cells"
+        assert str(error) == f"cells: {error.detail}"
+        assert "\n" not in str(error)
+        assert repr(os.fspath(path)) in error.detail
+        assert "is not a built-in one; pass its cell" in error.detail
+        assert f"{name}(path, cells=MyCell())" in error.detail
+        assert len(error.detail) < 300 + len(repr(os.fspath(path)))
 
 
 # -- .safetensors -------------------------------------------------------------------------------
@@ -690,7 +730,10 @@ def check_outcome(path, extras: dict[str, np.ndarray], data_may_differ: bool = F
         except WeightsError as exc:
             error = exc
         if error is not None:
-            assert error.argument == "path"
+            # cells: a configuration that is right but for a mode that is not built in.
+            assert error.argument == "path" or (
+                error.argument == "cells" and "is not a built-in one" in error.detail
+            )
             assert "\n" not in str(error)
             assert repr(os.fspath(path)) in error.detail
         elif call is rnn_xp.load:
@@ -793,13 +836,14 @@ NEAR_VALID = {  # values around the valid ones, to get past the first checks
     "nonlinearity": st.sampled_from([None, "tanh", "relu", "sigmoid", ""]),
     "dropout": st.floats(-1, 2) | st.sampled_from([0, 1, True, None, "0.5", float("nan")]),
     "dtype": st.sampled_from([*io.DTYPES, "bfloat16", "int32", "float", None]),
+    "proj_size": SIZES,
 }
 
 
 def changed(values) -> st.SearchStrategy:
     """The saved configuration with one to three values replaced by ``values[key]``."""
     # format last: hypothesis favours the first choices, and a bad format ends every check.
-    order = sorted(io.CONFIG_KEYS, key=lambda k: k == "format")
+    order = sorted(io.CONFIG_KEYS + io.OPTIONAL_KEYS, key=lambda k: k == "format")
     keys = st.lists(st.sampled_from(order), min_size=1, max_size=3, unique=True)
     return keys.flatmap(lambda ks: st.fixed_dictionaries({k: values[k] for k in ks})).map(
         lambda changes: CONFIG | changes
@@ -808,7 +852,7 @@ def changed(values) -> st.SearchStrategy:
 
 CONFIGS = st.one_of(
     changed(NEAR_VALID),
-    changed(dict.fromkeys(io.CONFIG_KEYS, JSON)),
+    changed(dict.fromkeys(io.CONFIG_KEYS + io.OPTIONAL_KEYS, JSON)),
     st.sets(st.sampled_from(io.CONFIG_KEYS), min_size=1, max_size=3).map(
         lambda keys: {k: v for k, v in CONFIG.items() if k not in keys}
     ),
@@ -936,8 +980,31 @@ def _without(state, *keys):
             "2 layer(s); missing ['bias_hh_l1', 'bias_ih_l1']",
         ),
         (
-            lambda t: lstm_state(t, proj_size=1),
-            "holds weight_hr_l* tensors: LSTM projections (proj_size) are not supported",
+            lambda t: lstm_state(t, proj_size=1) | {"weight_hr_l0": t.zeros(2, 2)},
+            "weight_hr_l0 has shape (2, 2); expected (P, H) with 1 <= P < H, an LSTM's projections",
+        ),
+        (
+            lambda t: lstm_state(t, proj_size=1) | {"weight_hr_l0": t.zeros(1)},
+            "weight_hr_l0 has shape (1,); expected (P, H) with 1 <= P < H",
+        ),
+        (
+            lambda t: lstm_state(t, proj_size=1) | {"weight_hh_l0": t.zeros(8, 2)},
+            "weight_hh_l0 has shape (8, 2); expected (4*H, P) = (8, 1) for an LSTM with projections",
+        ),
+        (
+            lambda t: _without(lstm_state(t, proj_size=1, num_layers=2), "weight_hr_l1"),
+            "hidden_size 2, proj_size 1, 2 layer(s); missing ['weight_hr_l1']",
+        ),
+        (
+            lambda t: _without(lstm_state(t, proj_size=1), "weight_hr_l0"),
+            "weight_hh_l0 has shape (8, 1); expected (G*H, H) with G = 1 (RNN), 3 (GRU) or 4",
+        ),
+        (
+            lambda t: (
+                lstm_state(t, proj_size=1, bidirectional=True)
+                | {"weight_ih_l0_reverse": t.zeros(8, 2)}
+            ),
+            "weight_ih_l0_reverse has shape (8, 2); expected (8, 3) for lstm, input_size 3, hidden",
         ),
         (
             lambda t: lstm_state(t) | {"fc.weight": t.zeros(2, 2), "steps": t.tensor(3)},
@@ -964,6 +1031,7 @@ def test_torch_mode_problems_name_the_mode(tmp_path, torch):
         (None, "give --mode rnn_tanh or --mode rnn_relu in "),
         ("lstm", "'lstm' does not match a state_dict with 1 gate(s) in "),
         ("elman", "expected None or one of 'rnn_tanh', 'rnn_relu', 'lstm', 'gru', got 'elman'"),
+        ("lstm_peephole", "got 'lstm_peephole' (torch has no such module)"),
     ]:
         with pytest.raises(WeightsError) as info:
             io.load_torch(path, mode=mode)

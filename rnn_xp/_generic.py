@@ -1,0 +1,138 @@
+"""A public cell (`rnn_xp.cells.Cell`) as the time loop (`_scan`) runs it.
+
+`_scan`'s own cells take ``(ax, state, Wh, bh)`` and return, for the backward,
+the gradient of ``h_prev @ Wh + bh``, from which the loop gets ``dWh`` and
+``dbh``. A public cell has parameters of its own instead: `Kernel` passes
+them, as one dict, where ``Wh`` goes, and returns their per-step gradients as
+a dict where ``dah`` goes; `Kernel.param_grads` then sums those over time,
+each `Outer` as one matrix product over all N*T rows. Without a
+``step_backward``, each step's backward is the library's own autodiff of
+``step`` (`_autodiff`), recomputed from the step's inputs.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from . import _autodiff
+
+Array = Any
+
+
+class Kernel:
+    """`_scan`'s cell protocol over a public cell. Equal cells give equal kernels."""
+
+    kind = "generic"  # no fused loop: `_fastpath` runs the generic or JAX loops
+    generic = True
+
+    def __init__(self, cell: Any) -> None:
+        self.cell = cell
+        self.gates = int(cell.gates)
+        self.n_states = len(cell.state_names)
+        self.autodiff = getattr(cell, "step_backward", None) is None
+        from .cells import Cell
+
+        # Whether the cell transforms the projection: the default is the identity.
+        self.prepares = getattr(type(cell), "prepare", Cell.prepare) is not Cell.prepare
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Kernel) and other.cell == self.cell
+
+    def __hash__(self) -> int:
+        return hash((Kernel, self.cell))
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.cell!r})"
+
+    def check_backward(self, xp: ModuleType) -> None:
+        """TypeError, before any work, when ``xp`` cannot differentiate a cell without backward."""
+        if self.autodiff and not _autodiff.available(xp):
+            raise TypeError(
+                f"cell: {type(self.cell).__name__} defines no step_backward, and "
+                f"{xp.__name__.removeprefix('array_api_compat.')} has no automatic "
+                "differentiation to derive it from step (torch and JAX have); define "
+                "step_backward (and prepare_backward if it defines prepare) to run its "
+                "backward here"
+            )
+
+    # -- forward ---------------------------------------------------------------
+
+    def prepare(self, xp: ModuleType, ax: Array, params: dict, keep: bool) -> tuple[Array, Any]:
+        """The cell's transform of the whole projection (N, T, G), and what its backward needs."""
+        if not self.prepares:
+            return ax, None
+        out, saved = self.cell.prepare(xp, ax, params)
+        return out, ((ax,) if self.autodiff else saved) if keep else None
+
+    def step(self, xp: ModuleType, ax: Array, state: tuple, params: dict, bh: None):
+        new, saved = self.cell.step(xp, ax, state, params)
+        return tuple(new), ((ax, tuple(state)) if self.autodiff else saved)
+
+    # -- backward --------------------------------------------------------------
+
+    def step_backward(self, xp: ModuleType, dstate: tuple, saved: Any, params: dict):
+        """``(dstate_prev, dax, dparams)``: ``dparams`` holds this step's parameter gradients."""
+        if self.autodiff:
+            ax, state = saved
+
+            def step(a, s, p):
+                return tuple(self.cell.step(xp, a, s, p)[0])
+
+            dax, dprev, dparams = _autodiff.vjp(xp, step, (ax, state, params), tuple(dstate))
+            return tuple(dprev), dax, dict(dparams)
+        dprev, dax, dparams = self.cell.step_backward(xp, tuple(dstate), saved, params)
+        return tuple(dprev), dax, dict(dparams)
+
+    def param_grads(self, xp: ModuleType, dax3: Array, dsteps: Any, tape: Any):
+        """``(dax3, dparams)``: the projection's gradient and every parameter's, over all steps.
+
+        ``dsteps`` is a list of per-step dicts (the generic loop), or one dict
+        of (N, T, ...) factors and (..., T, ...) gradients (the JAX scan).
+        """
+        params = tape.Wh
+        grads: dict[str, Array] = {}
+        for name in params:
+            grads[name] = _over_time(xp, name, dsteps, tape.stacked)
+        if not self.prepares:
+            dpre: Any = {}
+        elif self.autodiff:
+            (ax,) = tape.pre
+
+            def prepare(a, p):
+                return self.cell.prepare(xp, a, p)[0]
+
+            dax3, dpre = _autodiff.vjp(xp, prepare, (ax, params), dax3)
+        else:
+            dax3, dpre = self.cell.prepare_backward(xp, dax3, tape.pre, params)
+        for name, g in dict(dpre).items():
+            if g is not None:
+                grads[name] = g if grads.get(name) is None else grads[name] + g
+        return dax3, {
+            k: g if g is not None else xp.zeros_like(params[k]) for k, g in grads.items()
+        }
+
+
+def _over_time(xp: ModuleType, name: str, dsteps: Any, stacked: bool) -> Array | None:
+    """One parameter's gradient: its steps' gradients summed, each `Outer` as one product."""
+    from .cells import Outer
+
+    if stacked:
+        g = dsteps.get(name)
+        if g is None:
+            return None
+        if isinstance(g, Outer):
+            return _rows(xp, g.left).T @ _rows(xp, g.right)
+        return xp.sum(g, axis=1)  # the JAX scan's time axis, moved to 1
+    steps = [d.get(name) for d in dsteps if d.get(name) is not None]
+    if not steps:
+        return None
+    if isinstance(steps[0], Outer):
+        left = xp.concat([o.left for o in steps], axis=0)
+        right = xp.concat([o.right for o in steps], axis=0)
+        return left.T @ right
+    return xp.sum(xp.stack(steps, axis=0), axis=0)
+
+
+def _rows(xp: ModuleType, a: Array) -> Array:
+    return xp.reshape(a, (-1, a.shape[-1]))
