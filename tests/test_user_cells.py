@@ -114,6 +114,8 @@ def test_sequence_functions_and_the_layer_class(backend, dtype):
     assert_close(backend.to_numpy(hs), want, dtype, "hs")
     assert_close(backend.to_numpy(h_n), want_h[0], dtype, "h_n")
     dxs, (dh0,), dparams = cells.sequence_backward(cell, a(np.ones((N, T, H))), cache)
+    assert tuple(dxs.shape) == (N, T, D)
+    assert tuple(dh0.shape) == (N, H)
     assert sorted(dparams) == sorted(p)
     for k, g in dparams.items():
         assert g.dtype == params[k].dtype
@@ -218,7 +220,7 @@ def test_bad_cells_and_parameters_get_one_clear_error():
         cells.sequence_forward(IndRNN(), np.zeros((2, 5, 2)), p)
     with pytest.raises(ValueError, match=r"state0: expected 1 arrays"):
         cells.sequence_forward(IndRNN(), xs, p, (np.zeros((2, 4)), np.zeros((2, 4))))
-    hs, _, cache = cells.sequence_forward(IndRNN(), xs, p)
+    _, _, cache = cells.sequence_forward(IndRNN(), xs, p)
     with pytest.raises(ValueError, match=r"dhs: expected shape \(N=2, T=5, width=4\)"):
         cells.sequence_backward(IndRNN(), np.zeros((2, 5, 3)), cache)
     # Nothing the caller passed was modified by the calls that failed.
