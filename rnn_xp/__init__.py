@@ -38,6 +38,7 @@ from .gru import (
     gru_cell_forward,
     gru_forward,
 )
+from .interop import from_torch
 from .io import load
 from .lstm import (
     LSTM,
@@ -47,7 +48,7 @@ from .lstm import (
     lstm_cell_forward,
     lstm_forward,
 )
-from .model import MODES, Recurrent, from_torch
+from .model import MODES, Recurrent
 
 __version__ = "0.2.0"
 

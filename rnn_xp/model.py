@@ -18,12 +18,10 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device, is_numpy_array, to_device
 
-from . import _checks, _chunks, _scan, _streaming, cells
+from . import _checks, _chunks, _inputs, _scan, _streaming, cells
 from ._backends import (
-    arange,
     asarray,
     check_dtype,
-    on_input_device,
     on_model_device,
     to_numpy,
     zeros,
@@ -37,7 +35,7 @@ from .lstm_variants import LayerNormLSTMCell, PeepholeLSTMCell, ProjectedLSTMCel
 
 Array = Any
 
-__all__ = ["MODES", "Recurrent", "from_torch"]
+__all__ = ["MODES", "TORCH_MODES", "Recurrent"]
 
 MODES: dict[str, Any] = {
     "rnn_tanh": ElmanCell("tanh"),
@@ -67,16 +65,6 @@ def _floating(xp: ModuleType, dtype: Any, dev: Any) -> Any:
         )
     check_dtype(xp, resolved, dev)
     return resolved
-
-
-def _generator(name: str, seed: Any) -> np.random.Generator:
-    """``numpy.random.default_rng(seed)``, for None or a non-negative integer seed."""
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(f"{name}: expected None or a non-negative integer, got {seed!r}")
-        if seed < 0:
-            raise ValueError(f"{name}: expected None or a non-negative integer, got {seed}")
-    return np.random.default_rng(seed)
 
 
 def _library(name: str, like: Any) -> tuple[ModuleType, Any]:
@@ -184,7 +172,7 @@ class Recurrent:
             dtype=dtype,
             proj_size=proj_size,
         )
-        rng = _generator("seed", seed)
+        rng = _inputs.generator("seed", seed)
         k = 1 / np.sqrt(self.hidden_size)
         draws = {
             "uniform": lambda shape: rng.uniform(-k, k, shape),
@@ -576,7 +564,7 @@ class Recurrent:
             )
         known = None
         if isinstance(lengths, (list, tuple)):
-            known = _python_lengths(lengths)
+            known = _inputs.python_lengths(lengths)
             xp, _, dev = _checks.common_chunked(xs=xs)
             lengths = asarray(xp, np.asarray(known, dtype=np.int64), None, dev)
         return self._forward(xs, h0, lengths, mask, known, dropout_seed, dropout_masks, inference)
@@ -589,57 +577,14 @@ class Recurrent:
                     f"{name}: a list of sequences gives its own lengths; pass {name} with one "
                     "padded array instead"
                 )
-        xp, dev, known, xs = self._padded("xs", seqs, "D", self.input_size)
+        xp, dev, known, xs = _inputs.padded("xs", seqs, "D", self.input_size, self.batch_first)
         lengths = asarray(xp, np.asarray(known, dtype=np.int64), None, dev)
         out, h_n = self._forward(
             xs, h0, lengths, None, known, dropout_seed, dropout_masks, inference
         )
         if self._cache is not None:
             self._cache["list"] = known
-        return self._split(xp, out, known), h_n
-
-    def _padded(
-        self, name: str, seqs: Sequence[Array], label: str, F: int, known: tuple | None = None
-    ) -> tuple[ModuleType, Any, tuple[int, ...], Array]:
-        """``(xp, device, lengths, padded)``: arrays (T_i, F) as one array in the model's layout.
-
-        ``padded`` is (T, N, F), or (N, T, F) if ``batch_first``, T the longest
-        T_i, zero after each sequence's end. With ``known`` the T_i must be those.
-        """
-        if len(seqs) == 0:
-            raise ValueError(
-                f"{name}: expected at least one sequence, got an empty {type(seqs).__name__}"
-            )
-        if known is not None and len(seqs) != len(known):
-            raise ValueError(
-                f"{name}: expected a list of {len(known)} arrays, one per sequence of the "
-                f"forward, got {len(seqs)}"
-            )
-        named = {f"{name}[{i}]": a for i, a in enumerate(seqs)}
-        xp, _, dev = _checks.common_chunked(**named)
-        dtype = seqs[0].dtype
-        for i, (key, a) in enumerate(named.items()):
-            T_i = None if known is None else known[i]
-            _checks.check_shape(key, a, [("T_i", T_i), (label, F)], "(one sequence of the list)")
-            if a.dtype != dtype:
-                raise TypeError(f"{key}: expected the dtype of {name}[0] ({dtype}), got {a.dtype}")
-            if a.shape[0] < 1:
-                raise ValueError(f"{key}: expected at least one time step, got shape {a.shape}")
-        known = tuple(int(a.shape[0]) for a in seqs)
-        T = max(known)
-        pieces = []
-        for a, T_i in zip(seqs, known):
-            pieces.append(a)
-            if T_i < T:
-                pieces.append(zeros(xp, (T - T_i, F), dtype, dev))
-        # One concatenation of (T_i, F) rows and their padding, read as (N, T, F).
-        x = xp.reshape(xp.concat(pieces, axis=0), (len(seqs), T, F))
-        return xp, dev, known, x if self.batch_first else xp.permute_dims(x, (1, 0, 2))
-
-    def _split(self, xp: ModuleType, a: Array, known: tuple[int, ...]) -> list[Array]:
-        """The inverse of `_padded`: each sequence's own steps, (T_i, features)."""
-        a = a if self.batch_first else xp.permute_dims(a, (1, 0, 2))
-        return [a[i, :T_i, :] for i, T_i in enumerate(known)]
+        return _inputs.split(xp, out, known, self.batch_first), h_n
 
     def _forward(self, xs, h0, lengths, mask, known, dropout_seed, dropout_masks, inference):
         """`forward` of one array; ``known``: the lengths as Python ints, if they were."""
@@ -743,7 +688,7 @@ class Recurrent:
                 _checks.check_shape(
                     name, s, [("num_layers*num_directions", S), ("N", N), (label, w)], ""
                 )
-        return N, T, self._step_mask(xp, dev, N, T, lengths, mask, known)
+        return N, T, _inputs.step_mask(xp, dev, N, T, lengths, mask, known)
 
     def _forward_on_chunks(self, xs, h0, c0, lengths, mask, known, lstm, dropout):
         """`forward` of a Dask ``xs``, one task per batch chunk; NotImplementedError otherwise.
@@ -813,97 +758,22 @@ class Recurrent:
             raise TypeError(f"{name}: expected one array for mode {self.mode!r}, got a tuple")
         return state, None
 
-    def _step_mask(
-        self,
-        xp: ModuleType,
-        dev: Any,
-        N: int,
-        T: int,
-        lengths: Array | None,
-        mask: Array | None,
-        known: tuple[int, ...] | None = None,
-    ) -> Array | None:
-        """The (N, T) bool mask of valid steps, or None when every step is valid.
-
-        ``known``: the lengths as Python ints, when they were given so; their
-        range is then checked without reading the array back.
-        """
-        if lengths is not None and mask is not None:
-            raise ValueError("lengths, mask: expected one of them, got both")
-        if mask is not None:
-            _checks.check_companion("mask", mask, xp, dev, "bool")
-            _checks.check_shape("mask", mask, [("N", N), ("T", T)])
-            return mask
-        if lengths is None:
-            return None
-        _checks.check_companion("lengths", lengths, xp, dev, "integral")
-        _checks.check_shape("lengths", lengths, [("N", N)])
-        wrapped = None
-        if xp.isdtype(lengths.dtype, "unsigned integer"):
-            # torch has almost no operations on uint16/32/64, and array_api_strict
-            # does not compare them with the int64 steps below. uint64 lengths
-            # of 2**63 or more wrap to negative: they are beyond T, and stay so.
-            big = lengths.dtype == xp.uint64
-            lengths = xp.astype(lengths, xp.int64)
-            if big:
-                wrapped = lengths < 0
-                lengths = xp.where(wrapped, xp.zeros_like(lengths) + (T + 1), lengths)
-        # One host round trip per call, before the loop, to reject bad lengths.
-        try:
-            if known is not None:
-                low, high, huge = min(known, default=1), max(known, default=T), False
-            else:
-                low, high = (int(xp.min(lengths)), int(xp.max(lengths))) if N else (1, T)
-                huge = wrapped is not None and N and bool(xp.any(wrapped))
-        except TypeError:
-            # Abstract values (traced by jax.jit): they cannot be read here. The
-            # mask below is still defined: a length beyond T keeps every step,
-            # one below 1 none.
-            low, high, huge = 1, T, False
-        if low < 1 or high > T:
-            raise ValueError(
-                f"lengths: expected every length in [1, T={T}], got values from {low} to "
-                f"{'2**63 or more' if huge else high}"
-            )
-        return xp.expand_dims(arange(xp, T, dev), axis=0) < xp.expand_dims(lengths, axis=1)
-
-    def _dropout_masks(
-        self,
-        xp: ModuleType,
-        dtype: Any,
-        dev: Any,
-        N: int,
-        T: int,
-        seed: int | None,
-        masks: list[Array] | None,
-    ) -> list[Array] | None:
+    def _dropout_masks(self, xp, dtype, dev, N, T, seed, masks) -> list[Array] | None:
         """Scaled keep-masks, batch-major, one per layer boundary; None when off."""
         if not (self.training and self.dropout > 0 and self.num_layers > 1):
             return None
         F = self.num_directions * self._widths[0]
-        scale = 1 / (1 - self.dropout)
-        if masks is None:
-            if seed is None:
-                raise ValueError(
-                    f"dropout_seed, dropout_masks: dropout={self.dropout} in training mode needs "
-                    "one of them (or call eval())"
-                )
-            rng = _generator("dropout_seed", seed)
-            drawn = [rng.random((N, T, F)) >= self.dropout for _ in range(self.num_layers - 1)]
-            return [asarray(xp, scale * m, dtype, dev) for m in drawn]
-        if len(masks) != self.num_layers - 1:
-            raise ValueError(
-                f"dropout_masks: expected {self.num_layers - 1} masks, got {len(masks)}"
-            )
-        shape = (
-            [("N", N), ("T", T), ("F", F)] if self.batch_first else [("T", T), ("N", N), ("F", F)]
+        return _inputs.dropout_masks(
+            xp,
+            dtype,
+            dev,
+            (N, T, F),
+            self.dropout,
+            self.num_layers - 1,
+            self.batch_first,
+            seed,
+            masks,
         )
-        scaled = []
-        for m in masks:
-            _checks.check_companion("dropout_masks", m, xp, dev, "bool")
-            _checks.check_shape("dropout_masks", m, shape)
-            scaled.append(xp.astype(self._batch_major(xp, m), dtype) * scale)
-        return scaled
 
     # -- backward --------------------------------------------------------------
 
@@ -958,8 +828,8 @@ class Recurrent:
                     "forward of a list of sequences"
                 )
             F = self.num_directions * self._widths[0]
-            xp, _, _, padded = self._padded("dout", dout, "F", F, known)
-            return self._split(xp, self._backward(padded, dh_n), known)
+            xp, _, _, padded = _inputs.padded("dout", dout, "F", F, self.batch_first, known)
+            return _inputs.split(xp, self._backward(padded, dh_n), known, self.batch_first)
         if known is not None:
             got = f"{type(dout).__module__}.{type(dout).__name__}"
             raise TypeError(
@@ -1040,17 +910,6 @@ def _suffix(layer: int, direction: int) -> str:
     return f"_l{layer}" + ("_reverse" if direction else "")
 
 
-def _python_lengths(lengths: Sequence[Any]) -> tuple[int, ...]:
-    """The ints of a list or tuple of lengths; TypeError naming ``lengths`` otherwise."""
-    for v in lengths:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise TypeError(
-                f"lengths: expected an integer array or a sequence of ints, got an item {v!r} "
-                f"of type {type(v).__name__}"
-            )
-    return tuple(int(v) for v in lengths)
-
-
 def _model_chunk(xs, model, h0=None, c0=None, lengths=None, mask=None):
     """One batch chunk of a Dask input, run by the same `Recurrent.forward`."""
     xp, dev = array_namespace(xs), device(xs)
@@ -1059,70 +918,3 @@ def _model_chunk(xs, model, h0=None, c0=None, lengths=None, mask=None):
     state = (h0, c0) if h0 is not None and c0 is not None else h0
     out, h_n = m.forward(xs, state, lengths, mask, inference=True)
     return (out, *h_n) if isinstance(h_n, tuple) else (out, h_n)
-
-
-@on_input_device
-def from_torch(module: Any, like: Array | None = None) -> Recurrent:
-    """A `Recurrent` with the parameters of a ``torch.nn.RNN``, ``LSTM`` or ``GRU``.
-
-    Parameters
-    ----------
-    module : torch.nn.RNN, torch.nn.LSTM or torch.nn.GRU
-        Any ``num_layers``, ``bidirectional``, ``nonlinearity``, ``bias``,
-        ``batch_first``, ``dropout``, and LSTM projections (``proj_size``).
-    like : array or None
-        The parameters go into ``like``'s namespace and onto its device; NumPy
-        when None. The module's dtype is kept.
-
-    Returns
-    -------
-    Recurrent
-        With the module's hyperparameters, parameters and training mode.
-    """
-    kinds = {"RNN": None, "LSTM": "lstm", "GRU": "gru"}
-    name = type(module).__name__
-    if name not in kinds or not hasattr(module, "_flat_weights_names"):
-        raise TypeError(
-            "module: expected a torch.nn.RNN, torch.nn.LSTM or torch.nn.GRU, got "
-            f"{type(module).__module__}.{name}"
-        )
-    mode = kinds[name] or f"rnn_{module.nonlinearity}"
-    if any(p.is_meta for p in module.parameters()):
-        raise ValueError("module: its parameters are on the meta device and hold no values")
-    dtype = str(module.weight_ih_l0.dtype).removeprefix("torch.")
-    try:
-        model = Recurrent._configured(
-            mode,
-            module.input_size,
-            module.hidden_size,
-            module.num_layers,
-            bias=module.bias,
-            batch_first=module.batch_first,
-            bidirectional=module.bidirectional,
-            dropout=module.dropout,
-            like=like,
-            dtype=dtype,
-            proj_size=getattr(module, "proj_size", 0),
-        )
-    except TypeError as exc:
-        if not str(exc).startswith("dtype:"):
-            raise
-        raise TypeError(
-            f"module: its parameters are {dtype}, which like's library cannot hold here "
-            f"({str(exc).removeprefix('dtype: ')}); convert the module (module.float()), or "
-            "pass another like"
-        ) from None
-    # Through NumPy, which has no bfloat16: float32 holds every bfloat16 exactly.
-    wide = {"bfloat16": "float32"}.get(dtype)
-    model.load_state_dict(
-        {
-            n: asarray(
-                model._xp,
-                (p.detach().float() if wide else p.detach()).cpu().numpy(),
-                model._dtype,
-                model._device,
-            )
-            for n, p in module.named_parameters()
-        }
-    )
-    return model.train(module.training)
