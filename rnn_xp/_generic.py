@@ -13,11 +13,24 @@ each `Outer` as one matrix product over all N*T rows. Without a
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _autodiff
 
 Array = Any
+
+
+class Outer(NamedTuple):
+    """A step's parameter gradient ``left.T @ right``, left for the loop to compute.
+
+    ``left`` is (N, a) and ``right`` (N, b). The loop stacks every step's
+    factors and computes their sum over time as one (a, N*T) @ (N*T, b)
+    product, which is what the built-in cells do for their recurrent weights:
+    one large product instead of T small ones. (Public as `rnn_xp.cells.Outer`.)
+    """
+
+    left: Array
+    right: Array
 
 
 class Kernel:
@@ -26,15 +39,12 @@ class Kernel:
     kind = "generic"  # no fused loop: `_fastpath` runs the generic or JAX loops
     generic = True
 
-    def __init__(self, cell: Any) -> None:
+    def __init__(self, cell: Any, prepares: bool) -> None:
         self.cell = cell
         self.gates = int(cell.gates)
         self.n_states = len(cell.state_names)
         self.autodiff = getattr(cell, "step_backward", None) is None
-        from .cells import Cell
-
-        # Whether the cell transforms the projection: the default is the identity.
-        self.prepares = getattr(type(cell), "prepare", Cell.prepare) is not Cell.prepare
+        self.prepares = prepares  # the cell transforms the projection (default: identity)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Kernel) and other.cell == self.cell
@@ -115,8 +125,6 @@ class Kernel:
 
 def _over_time(xp: ModuleType, name: str, dsteps: Any, stacked: bool) -> Array | None:
     """One parameter's gradient: its steps' gradients summed, each `Outer` as one product."""
-    from .cells import Outer
-
     if stacked:
         g = dsteps.get(name)
         if g is None:

@@ -42,7 +42,7 @@ import numpy as np
 
 from . import _checks, _scan
 from ._backends import on_input_device, zeros
-from ._generic import Kernel
+from ._generic import Kernel, Outer
 from ._layer import Layer, cast, cast_back
 
 Array = Any
@@ -70,19 +70,6 @@ class Param(NamedTuple):
     shape: tuple[int, ...]
     init: str = "uniform"
     bias: bool = False
-
-
-class Outer(NamedTuple):
-    """A step's parameter gradient ``left.T @ right``, left for the loop to compute.
-
-    ``left`` is (N, a) and ``right`` (N, b). The loop stacks every step's
-    factors and computes their sum over time as one (a, N*T) @ (N*T, b)
-    product, which is what the built-in cells do for their recurrent weights:
-    one large product instead of T small ones.
-    """
-
-    left: Array
-    right: Array
 
 
 class Cell:
@@ -167,15 +154,12 @@ def kernel(cell: Any) -> Kernel:
     if not isinstance(cell.gates, (int, np.integer)) or cell.gates < 1:
         raise ValueError(f"cell: gates: expected a positive integer, got {cell.gates!r}")
     own = type(cell)
-    if (
-        own.prepare is not Cell.prepare
-        and own.prepare_backward is Cell.prepare_backward
-        and cell.step_backward is not None
-    ):
+    prepares = own.prepare is not Cell.prepare
+    if prepares and own.prepare_backward is Cell.prepare_backward and cell.step_backward:
         raise TypeError(
             f"cell: {own.__name__} defines prepare and step_backward but no prepare_backward"
         )
-    return Kernel(cell)
+    return Kernel(cell, prepares)
 
 
 def specs(cell: Cell, D: int, H: int, bias: bool = True) -> dict[str, Param]:
