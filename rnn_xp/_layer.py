@@ -241,6 +241,18 @@ def _sequence_chunk(xs, cell, Wx, Wh, bx, bh, names, state_names, **states):
     return (hs, *state_n)
 
 
+def check_cache(cache: Any, kind: type) -> None:
+    """A sequence backward's ``cache``: what a forward of ``kind``'s functions returned."""
+    if cache is None:
+        raise ValueError(
+            "cache: None comes from an inference-mode forward; run it with inference=False"
+        )
+    if not isinstance(cache, kind):
+        raise TypeError(
+            f"cache: expected the cache the forward returned, got {type(cache).__name__}"
+        )
+
+
 def sequence_backward(
     cell: _scan.Cell,
     dhs: Array,
@@ -248,14 +260,7 @@ def sequence_backward(
     dstates: dict[str, Array | None],
 ) -> list[Array | None]:
     """Gradients ``[dxs, *dstate0, dWx, dWh, dbx, dbh]`` of `sequence_forward`."""
-    if cache is None:
-        raise ValueError(
-            "cache: None comes from an inference-mode forward; run it with inference=False"
-        )
-    if not isinstance(cache, SequenceCache):
-        raise TypeError(
-            f"cache: expected the cache the forward returned, got {type(cache).__name__}"
-        )
+    check_cache(cache, SequenceCache)
     tape, inputs = cache
     xp, _, _ = _checks.common(dhs=dhs, **dstates, xs=tape.xs)
     N, T = tape.xs.shape[0], tape.xs.shape[1]

@@ -43,7 +43,7 @@ import numpy as np
 from . import _checks, _scan
 from ._backends import on_input_device, zeros
 from ._generic import Kernel, Outer
-from ._layer import Layer, cast, cast_back
+from ._layer import Layer, cast, cast_back, check_cache
 
 Array = Any
 
@@ -324,14 +324,7 @@ def sequence_backward(
     ``state_n``. ``dparams`` has a gradient for every array in ``params``,
     each of its dtype.
     """
-    if cache is None:
-        raise ValueError(
-            "cache: None comes from an inference-mode forward; run it with inference=False"
-        )
-    if not isinstance(cache, SequenceCache):
-        raise TypeError(
-            f"cache: expected the cache the forward returned, got {type(cache).__name__}"
-        )
+    check_cache(cache, SequenceCache)
     k = kernel(cell)
     if type(cache.cell) is not type(cell):
         raise ValueError(

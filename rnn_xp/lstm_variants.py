@@ -68,6 +68,19 @@ def _dsigmoid(s: Array) -> Array:
     return s * (1 - s)
 
 
+def _gates_backward(xp: ModuleType, dc: Array, do: Array, i, f, g, o, c_prev) -> Array:
+    """The gradient of the gate block A (i, f, g, o) from those of ``c_t`` and of ``o``."""
+    return xp.concat(
+        [
+            dc * g * _dsigmoid(i),
+            dc * c_prev * _dsigmoid(f),
+            dc * i * (1 - g * g),
+            do * _dsigmoid(o),
+        ],
+        axis=1,
+    )
+
+
 class ProjectedLSTMCell(Cell):
     """torch's LSTM with projections: ``h_t = (o * tanh(c_t)) @ weight_hr.T``."""
 
@@ -112,15 +125,7 @@ class ProjectedLSTMCell(Cell):
         i, f, g, o, tc, c, h, m = saved
         dm = dh @ params["weight_hr"]
         dc = dc + dm * o * (1 - tc * tc)
-        dA = xp.concat(
-            [
-                dc * g * _dsigmoid(i),
-                dc * c * _dsigmoid(f),
-                dc * i * (1 - g * g),
-                dm * tc * _dsigmoid(o),
-            ],
-            axis=1,
-        )
+        dA = _gates_backward(xp, dc, dm * tc, i, f, g, o, c)
         grads = {"weight_hh": Outer(dA, h), "weight_hr": Outer(dh, m)}
         if "bias_hh" in params:
             grads["bias_hh"] = xp.sum(dA, axis=0)
@@ -261,15 +266,7 @@ class LayerNormLSTMCell(Cell):
         i, f, g, o, tc, c, h, r_hat, r_rstd, c_hat, c_rstd = saved
         dcn = dh * o * (1 - tc * tc)  # gradient of LN(c_t)'s output
         dc = dc + _norm_backward(xp, dcn * params["ln_c_weight"], c_hat, c_rstd)
-        dA = xp.concat(
-            [
-                dc * g * _dsigmoid(i),
-                dc * c * _dsigmoid(f),
-                dc * i * (1 - g * g),
-                dh * tc * _dsigmoid(o),
-            ],
-            axis=1,
-        )
+        dA = _gates_backward(xp, dc, dh * tc, i, f, g, o, c)
         dr = _norm_backward(xp, dA * params["ln_hh_weight"], r_hat, r_rstd)
         grads = {
             "weight_hh": Outer(dr, h),
