@@ -6,11 +6,23 @@ notebook, with no hoisting: it is what every backend is compared against.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
+import rnn_xp
 from rnn_xp._backends import TOLERANCE, Loaded
+
+
+@functools.cache
+def two_states(mode: str) -> bool:
+    """Whether ``mode``'s state is a pair ``(h, c)`` ('lstm' and its variants), not ``h``.
+
+    Asked of the cell itself (``n_states``), so a mode added to `rnn_xp.MODES`
+    needs no change here.
+    """
+    return rnn_xp.Recurrent(mode, 1, 1).cell.n_states == 2
 
 
 def assert_close(actual: np.ndarray, desired: np.ndarray, dtype: str, what: str = "") -> None:

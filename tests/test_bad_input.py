@@ -6,6 +6,8 @@ TypeError. The message names the argument, the expected and the actual value.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -179,9 +181,10 @@ def model(backend):
 
 
 def test_unknown_mode_raises_value_error():
+    modes = re.escape(", ".join(map(repr, rnn_xp.MODES)))  # 'rnn_tanh', ..., every mode
     with pytest.raises(
         ValueError,
-        match=r"mode: expected one of 'rnn_tanh', 'rnn_relu', 'lstm', 'gru', got 'transformer'",
+        match=rf"mode: expected one of {modes} or an rnn_xp\.cells\.Cell, got 'transformer'",
     ):
         rnn_xp.Recurrent("transformer", D, H)
     with pytest.raises(

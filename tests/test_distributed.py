@@ -12,6 +12,7 @@ import pytest
 
 import rnn_xp
 from rnn_xp import batch
+from tests.support import two_states
 
 da = pytest.importorskip("dask.array")
 
@@ -30,7 +31,7 @@ def test_dask_input_runs_per_batch_chunk_and_stays_lazy(mode):
     # Time chunked too: it is rechunked, the batch axis is not.
     lazy_xs = da.from_array(xs, chunks=((5, 5, 2), 3, 4))
     out, h_n = model.forward(lazy_xs, lengths=da.from_array(lengths, chunks=4), inference=True)
-    h_n = h_n[0] if mode == "lstm" else h_n
+    h_n = h_n[0] if two_states(mode) else h_n
 
     assert isinstance(out, da.Array)
     assert out.chunks[0] == (5, 5, 2)
@@ -38,7 +39,7 @@ def test_dask_input_runs_per_batch_chunk_and_stays_lazy(mode):
     # One task per batch chunk runs the model: the graph does not grow with T or layers.
     assert len(dict(out.__dask_graph__())) < 60
     want_out, want_h = model.forward(xs, lengths=lengths, inference=True)
-    want_h = want_h[0] if mode == "lstm" else want_h
+    want_h = want_h[0] if two_states(mode) else want_h
     np.testing.assert_array_equal(out.compute(), want_out)
     np.testing.assert_array_equal(h_n.compute(), want_h)
 

@@ -28,6 +28,8 @@ import numpy as np
 import pytest
 
 import rnn_xp
+from rnn_xp.model import TORCH_MODES
+from tests.support import two_states
 
 MODES = list(rnn_xp.MODES)
 N, T, D, H = 2, 4, 3, 4
@@ -62,7 +64,7 @@ def model_problem(mode, config, seed=0):
     theta = dict(model.state_dict())
     theta["xs"] = rng.standard_normal((T, N, D))
     theta["h0"] = rng.standard_normal((S, N, H))
-    if mode == "lstm":
+    if two_states(mode):
         theta["c0"] = rng.standard_normal((S, N, H))
     w = rng.standard_normal((T, N, model.num_directions * H))
     return model, theta, w, lengths
@@ -213,7 +215,7 @@ def test_gradient_penalty_through_the_sequence_functions_on_jax(kind):
 # -- context: torch.nn's own CPU kernels take a second backward too ----------------
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", TORCH_MODES)  # against torch.nn's own modules
 def test_the_penalty_matches_torch_nn_on_the_cpu(mode):
     # cuDNN refuses this second backward (pytorch/pytorch#5261); torch's CPU
     # kernels are differentiable operations and take it. Both libraries'

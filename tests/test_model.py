@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import rnn_xp
-from tests.support import assert_close
+from rnn_xp.model import TORCH_MODES
+from tests.support import assert_close, two_states
 
 MODES = list(rnn_xp.MODES)
 N, T, D, H = 3, 6, 4, 5
@@ -76,7 +77,7 @@ def test_model_matches_numpy_float64(backend, dtype, mode, steps_kind):
     steps = step_mask(steps_kind)
 
     def run(m, conv):
-        state = (conv(h0), conv(c0)) if mode == "lstm" else conv(h0)
+        state = (conv(h0), conv(c0)) if two_states(mode) else conv(h0)
         return outputs(
             m, conv(xs), state, None if steps is None else conv(steps), steps_kind, conv(dout)
         )
@@ -89,6 +90,7 @@ def test_model_matches_numpy_float64(backend, dtype, mode, steps_kind):
 
 
 # -- parity with torch.nn through from_torch -----------------------------------------
+# Only the modes torch has a module for: from_torch maps nn.RNN/LSTM/GRU, nothing else.
 
 TORCH_CASES = [
     pytest.param(
@@ -98,7 +100,7 @@ TORCH_CASES = [
         bias,
         id=f"{mode}-l{layers}-{'bi' if bi else 'uni'}-{'bias' if bias else 'nobias'}",
     )
-    for mode in MODES
+    for mode in TORCH_MODES
     for layers in (1, 2)
     for bi in (False, True)
     for bias in (True, False)
@@ -141,7 +143,7 @@ def test_from_torch_matches_torch_with_lengths(mode, layers, bi, bias):
     got_out, got_h = model.forward(xs.detach().numpy(), lengths=lengths.numpy())
     got_states = list(got_h) if isinstance(got_h, tuple) else [got_h]
     dn = [d.numpy() for d in dstates]
-    dxs = model.backward(dout.numpy(), tuple(dn) if mode == "lstm" else dn[0])
+    dxs = model.backward(dout.numpy(), tuple(dn) if two_states(mode) else dn[0])
 
     assert_close(got_out, out.detach().numpy(), "float64", "out")
     for i, (g, s) in enumerate(zip(got_states, states)):
@@ -152,7 +154,7 @@ def test_from_torch_matches_torch_with_lengths(mode, layers, bi, bias):
         assert_close(model.grads[name], p.grad.numpy(), "float64", name)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", TORCH_MODES)
 def test_from_torch_matches_torch_time_major_float32_with_h0(mode):
     torch = pytest.importorskip("torch")
     torch.manual_seed(1)
@@ -160,12 +162,12 @@ def test_from_torch_matches_torch_time_major_float32_with_h0(mode):
     xs = torch.randn(T, N, D, requires_grad=True)
     h0 = torch.randn(4, N, H, requires_grad=True)
     c0 = torch.randn(4, N, H, requires_grad=True)
-    out, _ = module(xs, (h0, c0) if mode == "lstm" else h0)
+    out, _ = module(xs, (h0, c0) if two_states(mode) else h0)
     dout = torch.randn(out.shape)
     torch.sum(out * dout).backward()
 
     model = rnn_xp.from_torch(module)
-    state = (h0.detach().numpy(), c0.detach().numpy()) if mode == "lstm" else h0.detach().numpy()
+    state = (h0.detach().numpy(), c0.detach().numpy()) if two_states(mode) else h0.detach().numpy()
     got, _ = model.forward(xs.detach().numpy(), state)
     dxs = model.backward(dout.numpy())
 
@@ -173,7 +175,7 @@ def test_from_torch_matches_torch_time_major_float32_with_h0(mode):
     assert_close(got, out.detach().numpy(), "float32", "out")
     assert_close(dxs, xs.grad.numpy(), "float32", "dxs")
     assert_close(model.dh0, h0.grad.numpy(), "float32", "dh0")
-    if mode == "lstm":
+    if two_states(mode):
         assert_close(model.dc0, c0.grad.numpy(), "float32", "dc0")
     for name, p in module.named_parameters():
         assert_close(model.grads[name], p.grad.numpy(), "float32", name)
@@ -210,10 +212,10 @@ def test_masked_steps_are_skipped_as_if_absent(mode, bidirectional):
     xs = rng.standard_normal((N, T, D))
     mask = step_mask("mask")
     out, h_n = model.forward(xs, mask=mask)
-    h_n = h_n[0] if mode == "lstm" else h_n
+    h_n = h_n[0] if two_states(mode) else h_n
     for n in range(N):
         alone, alone_h = model.forward(xs[n : n + 1, mask[n]])
-        alone_h = alone_h[0] if mode == "lstm" else alone_h
+        alone_h = alone_h[0] if two_states(mode) else alone_h
         assert_close(out[n, mask[n]], alone[0], "float64", f"sequence {n}")
         assert_close(out[n, ~mask[n]], np.zeros_like(out[n, ~mask[n]]), "float64", "padding")
         assert_close(h_n[:, n], alone_h[:, 0], "float64", f"h_n of sequence {n}")
@@ -239,7 +241,7 @@ def test_model_gradients_match_finite_differences(mode):
     )
     xs = rng.standard_normal((n, t, d))
     h0 = rng.standard_normal((4, n, h))
-    state0 = (h0, rng.standard_normal((4, n, h))) if mode == "lstm" else h0
+    state0 = (h0, rng.standard_normal((4, n, h))) if two_states(mode) else h0
     mask = np.array([[True, False, True, True], [False, True, True, False]])
     keep = [rng.random((n, t, 2 * h)) > 0.4]
     dout = rng.standard_normal((n, t, 2 * h))
@@ -247,10 +249,10 @@ def test_model_gradients_match_finite_differences(mode):
 
     def loss(m, x, s):
         out, h_n = m.forward(x, s, mask=mask, dropout_masks=keep)
-        return float(np.sum(out * dout) + np.sum((h_n[0] if mode == "lstm" else h_n) * dh_n))
+        return float(np.sum(out * dout) + np.sum((h_n[0] if two_states(mode) else h_n) * dh_n))
 
     model.forward(xs, state0, mask=mask, dropout_masks=keep)
-    dxs = model.backward(dout, (dh_n, None) if mode == "lstm" else dh_n)
+    dxs = model.backward(dout, (dh_n, None) if two_states(mode) else dh_n)
     analytic = {"xs": dxs, "h0": model.dh0, **model.grads}
     params = model.state_dict()
     eps = 1e-6
@@ -266,7 +268,7 @@ def test_model_gradients_match_finite_differences(mode):
                 m.load_state_dict(params | ({name: v} if name in params else {}))
                 s = v if name == "h0" else h0
                 values.append(
-                    loss(m, v if name == "xs" else xs, (s, state0[1]) if mode == "lstm" else s)
+                    loss(m, v if name == "xs" else xs, (s, state0[1]) if two_states(mode) else s)
                 )
             numeric[i] = (values[0] - values[1]) / (2 * eps)
         np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8, err_msg=name)

@@ -19,20 +19,20 @@ import pytest
 import rnn_xp
 from rnn_xp import _fastpath
 from rnn_xp._streaming import step
-from tests.support import assert_close
+from tests.support import assert_close, two_states
 
 MODES = list(rnn_xp.MODES)
 N, T, D, H = 3, 6, 4, 5
 
 
 def states(mode: str, state) -> list:
-    """The arrays of a state: ``[h]``, or ``[h, c]`` for LSTM."""
-    return list(state) if mode == "lstm" else [state]
+    """The arrays of a state: ``[h]``, or ``[h, c]`` for the LSTMs."""
+    return list(state) if two_states(mode) else [state]
 
 
 def initial_state(mode: str, L: int, n: int, h: int, rng, convert=lambda a: a):
     h0, c0 = (convert(rng.standard_normal((L, n, h))) for _ in range(2))
-    return (h0, c0) if mode == "lstm" else h0
+    return (h0, c0) if two_states(mode) else h0
 
 
 def stepped(model, xs, state):
@@ -49,11 +49,12 @@ def one_term_weights(model, rng) -> None:
 
     Each gate's pre-activation then sums one input, one state entry and the
     biases, with products that are exact: the bits depend only on the order
-    of the elementwise operations, which must be forward's.
+    of the elementwise operations, which must be forward's. Only matrices are
+    made so: a vector (a peephole) multiplies elementwise, one term already.
     """
     params = {}
     for name, p in model.state_dict().items():
-        if name.startswith("weight"):
+        if name.startswith("weight") and p.ndim == 2:
             rows, cols = p.shape
             w = np.zeros((rows, cols))
             w[np.arange(rows), rng.integers(0, cols, rows)] = rng.choice(

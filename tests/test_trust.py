@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import rnn_xp
-from tests.support import assert_close, ref_gru_forward, ref_lstm_forward
+from tests.support import assert_close, ref_gru_forward, ref_lstm_forward, two_states
 
 N, T, D, H = 3, 4, 2, 5
 ONE_COLUMN = {"(1,)": (1,), "(N, 1)": (N, 1), "(1, 1)": (1, 1), "0-d": ()}
@@ -148,12 +148,12 @@ def test_autograd_recording_only_a_bias_or_a_state_takes_the_generic_path():
     for mode in rnn_xp.MODES:
         model = rnn_xp.Recurrent(mode, D, H, seed=0, like=x, dtype="float64")
         h0 = torch.tensor(rng.standard_normal((1, N, H)), requires_grad=True)
-        state = (h0, torch.zeros(1, N, H, dtype=torch.float64)) if mode == "lstm" else h0
+        state = (h0, torch.zeros(1, N, H, dtype=torch.float64)) if two_states(mode) else h0
         out, _ = model.forward(x, state)
         dxs = model.backward(torch.ones_like(out))
         plain = rnn_xp.Recurrent(mode, D, H, seed=0, like=x, dtype="float64")
         out0, _ = plain.forward(
-            x, tuple(s.detach() for s in state) if mode == "lstm" else h0.detach()
+            x, tuple(s.detach() for s in state) if two_states(mode) else h0.detach()
         )
         assert_close(out.detach().numpy(), out0.numpy(), "float64", mode)
         dxs0 = plain.backward(torch.ones_like(out0))
