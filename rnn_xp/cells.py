@@ -75,6 +75,11 @@ class Param(NamedTuple):
 class Cell:
     """Base class of a cell kind; subclass it and define `parameters` and `step`.
 
+    A cell object is a constant: equal cells (``==``; by default the same
+    object) must compute the same thing, since JAX compiles the loop once per
+    equal cell and reuses it. A cell with settings defines ``__eq__`` and
+    ``__hash__`` over all of them, and does not change them after its first use.
+
     Attributes
     ----------
     kind : str
@@ -108,22 +113,30 @@ class Cell:
 
         ``ax`` (N, gates*H) is this step's row of the input projection (after
         `prepare`), ``state`` the tuple of state arrays, ``params`` every
-        parameter but those of the projection. ``saved`` is whatever
-        ``step_backward`` needs (anything; ignored without one).
+        parameter but those of the projection. ``saved`` is what
+        ``step_backward`` needs: arrays, or a tuple, list or dict of them
+        (JAX's loop stacks it over time); ignored without one. The new state
+        is a tuple of arrays of the old state's shapes and dtypes (checked at
+        every step).
 
         A ``step_backward(self, xp, dstate, saved, params)``, when defined,
         returns ``(dstate_prev, dax, dparams)``: the gradients with respect
         to the old state and ``ax`` given ``dstate``, those of the new state,
         and a dict of this step's gradient of each parameter (an array of the
-        parameter's shape, or an `Outer`), which the loop sums over time.
+        parameter's shape, or an `Outer`, the same kind at every step), which
+        the loop sums over time. A parameter left out has a zero gradient at
+        that step.
         """
         raise NotImplementedError(f"{type(self).__name__}.step")
 
     def prepare(self, xp: ModuleType, ax: Array, params: dict) -> tuple[Array, Any]:
         """Optional: transform the whole projection (N, T, gates*H) before the loop.
 
-        Returns ``(ax, saved)``; the default is the identity. A cell that
-        defines it and ``step_backward`` defines `prepare_backward` too.
+        Returns ``(ax, saved)``; the default is the identity. It must act on
+        each (n, t) row on its own (as a layer norm does), never across steps
+        or sequences: padding, masks and `rnn_xp.Recurrent.step` (one row at
+        a time) would change its result otherwise. A cell that defines it and
+        ``step_backward`` defines `prepare_backward` too.
         """
         return ax, None
 
@@ -138,7 +151,11 @@ class Cell:
 
 
 def kernel(cell: Any) -> Kernel:
-    """The time loop's view of ``cell``, a `Cell` instance; TypeError naming ``cell`` otherwise."""
+    """The time loop's view of ``cell``, a `Cell` instance; TypeError naming ``cell`` otherwise.
+
+    Checks what the cell declares (kind, gates, states, projection, hashing)
+    once, before any work; `specs` checks its parameters for given sizes.
+    """
     if isinstance(cell, Kernel):
         return cell
     if not isinstance(cell, Cell):
@@ -146,13 +163,40 @@ def kernel(cell: Any) -> Kernel:
             f"cell: expected an instance of a subclass of rnn_xp.cells.Cell, got "
             f"{type(cell).__module__}.{type(cell).__name__}"
         )
-    names = tuple(cell.state_names)
-    if len(names) not in (1, 2) or not all(isinstance(n, str) for n in names):
+    name = type(cell).__name__
+    if not isinstance(cell.kind, str) or not cell.kind:
+        raise ValueError(f"cell: {name}.kind: expected a non-empty string, got {cell.kind!r}")
+    names = cell.state_names
+    if (
+        not isinstance(names, tuple)
+        or len(names) not in (1, 2)
+        or not all(isinstance(n, str) and n.isidentifier() for n in names)
+    ):
         raise ValueError(
-            f"cell: state_names: expected one or two names, the output first, got {names!r}"
+            f"cell: {name}.state_names: expected a tuple of one or two names, the output "
+            f"first, got {names!r}"
         )
-    if not isinstance(cell.gates, (int, np.integer)) or cell.gates < 1:
-        raise ValueError(f"cell: gates: expected a positive integer, got {cell.gates!r}")
+    gates = cell.gates
+    if isinstance(gates, bool) or not isinstance(gates, (int, np.integer)) or gates < 1:
+        raise ValueError(f"cell: {name}.gates: expected a positive integer, got {gates!r}")
+    projection = cell.projection
+    if (
+        not isinstance(projection, tuple)
+        or len(projection) != 2
+        or projection[0] != "weight_ih"
+        or not (projection[1] is None or isinstance(projection[1], str))
+    ):
+        raise ValueError(
+            f"cell: {name}.projection: expected ('weight_ih', the name of its bias or None), "
+            f"got {projection!r}"
+        )
+    try:
+        hash(cell)
+    except TypeError:
+        raise TypeError(
+            f"cell: {name} is not hashable; a cell that defines __eq__ defines __hash__ too "
+            "(JAX compiles the loop once per equal cell)"
+        ) from None
     own = type(cell)
     prepares = own.prepare is not Cell.prepare
     if prepares and own.prepare_backward is Cell.prepare_backward and cell.step_backward:
@@ -162,29 +206,54 @@ def kernel(cell: Any) -> Kernel:
     return Kernel(cell, prepares)
 
 
+def _shape(value: Any) -> tuple[int, ...] | None:
+    """``value`` as a shape of positive Python ints with at least one axis, or None."""
+    if not isinstance(value, tuple) or not value:
+        return None
+    for n in value:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            return None
+    return tuple(int(n) for n in value)
+
+
 def specs(cell: Cell, D: int, H: int, bias: bool = True) -> dict[str, Param]:
     """``cell.parameters(D, H)``, checked, without the bias parameters when ``bias`` is False."""
+    k = kernel(cell)
+    name = type(cell).__name__
     found = cell.parameters(D, H)
-    if not isinstance(found, Mapping) or "weight_ih" not in found:
-        raise ValueError(
-            f"cell: {type(cell).__name__}.parameters must return a dict of Param with "
-            "'weight_ih' among them"
-        )
+    if not isinstance(found, Mapping) or not all(isinstance(p, Param) for p in found.values()):
+        raise TypeError(f"cell: {name}.parameters must return a dict of rnn_xp.cells.Param")
     out = {}
-    for name, p in found.items():
-        p = Param(*p) if not isinstance(p, Param) else p
-        if p.init not in ("uniform", "ones", "zeros") or len(p.shape) < 1:
+    for key, p in found.items():
+        shape = _shape(p.shape)
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"cell: {name}.parameters: a name {key!r} that is no identifier")
+        if shape is None or p.init not in ("uniform", "ones", "zeros"):
             raise ValueError(
-                f"cell: parameter {name!r}: expected a Param with init 'uniform', "
-                f"'ones' or 'zeros' and at least one dimension, got {p!r}"
+                f"cell: {name}.parameters: {key!r}: expected a Param with a tuple of "
+                f"positive ints as shape and init 'uniform', 'ones' or 'zeros', got {p!r}"
             )
         if bias or not p.bias:
-            out[name] = Param(tuple(int(n) for n in p.shape), p.init, p.bias)
-    G = kernel(cell).gates
-    if out["weight_ih"].shape != (G * H, D):
+            out[key] = Param(shape, p.init, bool(p.bias))
+    G = k.gates
+    w, b = cell.projection
+    if w not in found or found[w].bias or out[w].shape != (G * H, D):
         raise ValueError(
-            f"cell: parameter 'weight_ih': expected shape (gates*H, D) = {(G * H, D)}, "
-            f"got {out['weight_ih'].shape}"
+            f"cell: {name}.parameters: expected 'weight_ih' of shape (gates*H, D) = "
+            f"{(G * H, D)}, not a bias, got {found.get(w)!r}"
+        )
+    if b is not None and (b not in found or _shape(found[b].shape) != (G * H,)):
+        raise ValueError(
+            f"cell: {name}.parameters: expected the projection's bias {b!r} of shape "
+            f"(gates*H,) = {(G * H,)}, got {found.get(b)!r}"
+        )
+    widths = cell.state_sizes(H)
+    if _shape(tuple(widths) if isinstance(widths, (tuple, list)) else None) is None or len(
+        widths
+    ) != len(cell.state_names):
+        raise ValueError(
+            f"cell: {name}.state_sizes({H}): expected one positive int per state "
+            f"{cell.state_names}, got {widths!r}"
         )
     return out
 
@@ -291,6 +360,11 @@ def sequence_forward(
     cache : object or None, for `sequence_backward`
     """
     k = kernel(cell)
+    if state0 is not None and not isinstance(state0, (tuple, list)):
+        raise TypeError(
+            f"state0: expected a tuple of {len(cell.state_names)} arrays {cell.state_names} "
+            f"(or None entries), got {type(state0).__name__}"
+        )
     states = tuple(state0) if state0 is not None else ()
     xp, dtype, dev, _ = _check(cell, xs, params, states, mask)
     N, H = xs.shape[0], params["weight_ih"].shape[0] // k.gates
@@ -333,6 +407,11 @@ def sequence_backward(
         )
     tape = cache.tape
     n = len(tape.widths)
+    if dstate_n is not None and not isinstance(dstate_n, (tuple, list)):
+        raise TypeError(
+            f"dstate_n: expected a tuple of {n} arrays (or None entries), got "
+            f"{type(dstate_n).__name__}"
+        )
     dstates = tuple(dstate_n) if dstate_n is not None else (None,) * n
     if len(dstates) != n:
         raise ValueError(f"dstate_n: expected {n} arrays (or None entries), got {len(dstates)}")
@@ -380,6 +459,13 @@ class CellLayer(Layer):
 
     def __init__(self, cell: Cell, params: Mapping[str, Array], stateful: bool = False) -> None:
         kernel(cell)
+        taken = {"cell", "params", "grads", "cache", "stateful", "forward", "backward"}
+        clash = [n for n in cell.state_names if n in taken or "d" + n in taken]
+        if clash:
+            raise ValueError(
+                f"cell: CellLayer keeps each state as an attribute, and {clash[0]!r} (or its "
+                f"gradient 'd{clash[0]}') is one of the layer's own: rename the state"
+            )
         self.cell = cell
         self._states = tuple(cell.state_names)
         super().__init__(dict(params), stateful)  # type: ignore[arg-type]

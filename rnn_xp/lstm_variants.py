@@ -89,13 +89,15 @@ class ProjectedLSTMCell(Cell):
     state_names = ("h", "c")
 
     def __init__(self, proj_size: int) -> None:
-        self.proj_size = int(proj_size)
+        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 1:
+            raise ValueError(f"proj_size: expected a positive integer, got {proj_size!r}")
+        self.proj_size = proj_size
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ProjectedLSTMCell) and other.proj_size == self.proj_size
+        return type(other) is type(self) and other.proj_size == self.proj_size
 
     def __hash__(self) -> int:
-        return hash((ProjectedLSTMCell, self.proj_size))
+        return hash((type(self), self.proj_size))
 
     def __repr__(self) -> str:
         return f"ProjectedLSTMCell(proj_size={self.proj_size})"
@@ -140,10 +142,10 @@ class PeepholeLSTMCell(Cell):
     state_names = ("h", "c")
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, PeepholeLSTMCell)
+        return type(other) is type(self)
 
     def __hash__(self) -> int:
-        return hash(PeepholeLSTMCell)
+        return hash(type(self))
 
     def parameters(self, input_size: int, hidden_size: int) -> dict[str, Param]:
         H = hidden_size
@@ -214,10 +216,10 @@ class LayerNormLSTMCell(Cell):
     projection = ("weight_ih", None)  # the bias comes after the input's layer norm
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, LayerNormLSTMCell)
+        return type(other) is type(self)
 
     def __hash__(self) -> int:
-        return hash(LayerNormLSTMCell)
+        return hash(type(self))
 
     def parameters(self, input_size: int, hidden_size: int) -> dict[str, Param]:
         G = 4 * hidden_size

@@ -520,6 +520,9 @@ class Recurrent:
             lengths; give neither ``lengths`` nor ``mask`` with a list.
         h0 : array, shape (num_layers * num_directions, N, H), optional
             Initial states (zeros when omitted); for LSTM a pair ``(h0, c0)``.
+            Here and below, H is each state's width: with ``proj_size`` h, and
+            so ``out``, is ``proj_size`` wide and c H wide; a cell of your own
+            has the widths of its ``state_sizes``.
         lengths : integer array, shape (N,), or a sequence of N ints, optional
             Lengths of right-padded sequences, each in [1, T], as with torch's
             ``pack_padded_sequence``: outputs at padded steps are zero, ``h_n``
@@ -741,8 +744,13 @@ class Recurrent:
 
     def _state_labels(self) -> list[tuple[str, int]]:
         """How each state's last axis is named in messages, and its width."""
-        names = ("H", "H") if self.proj_size == 0 else ("proj_size", "H")
-        return list(zip(names, self._widths))
+        if self.proj_size:
+            return list(zip(("proj_size", "H"), self._widths))
+        names = self._own.state_names if self._own is not None else ("h", "c")
+        return [
+            ("H" if w == self.hidden_size else f"width of {n}", w)
+            for n, w in zip(names, self._widths)
+        ]
 
     def _split_state(self, name: str, state: Any, lstm: bool) -> tuple[Array | None, Array | None]:
         if state is None:

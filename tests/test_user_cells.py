@@ -207,7 +207,9 @@ def test_bad_cells_and_parameters_get_one_clear_error():
     class ThreeStates(IndRNN):
         state_names = ("h", "c", "m")
 
-    with pytest.raises(ValueError, match=r"cell: state_names: expected one or two names"):
+    with pytest.raises(
+        ValueError, match=r"cell: ThreeStates.state_names: expected a tuple of one or two"
+    ):
         rnn_xp.Recurrent(ThreeStates(), 3, 4)
 
     p = {"weight_ih": np.zeros((4, 3)), "weight_hh": np.zeros(4)}
@@ -225,3 +227,127 @@ def test_bad_cells_and_parameters_get_one_clear_error():
         cells.sequence_backward(IndRNN(), np.zeros((2, 5, 3)), cache)
     # Nothing the caller passed was modified by the calls that failed.
     assert not p["weight_hh"].any()
+
+
+class _Returns(IndRNN):
+    """IndRNN whose step or step_backward returns what ``how`` says."""
+
+    def __init__(self, how):
+        self.how = how
+
+    def step(self, xp, ax, state, p):
+        (h,), saved = super().step(xp, ax, state, p)
+        if self.how == "bare state":
+            return h, saved
+        if self.how == "wide dtype":
+            return (xp.astype(h, xp.float64),), saved
+        return (h,), saved
+
+    def step_backward(self, xp, dstate, saved, p):
+        dprev, dax, grads = super().step_backward(xp, dstate, saved, p)
+        if self.how == "bare dstate_prev":
+            return dprev[0], dax, grads
+        if self.how == "gradient shape":
+            return dprev, dax, {"weight_hh": xp.reshape(grads["weight_hh"], (1, -1))}
+        if self.how == "unknown gradient":
+            return dprev, dax, {**grads, "u": grads["weight_hh"]}
+        return dprev, dax, grads
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("bare state", r"cell: step returned as new state \(ndarray\); expected a tuple of 1"),
+        (
+            "wide dtype",
+            r"cell: step returned as new state \(\(2, 4\) float64\); expected .*float32",
+        ),
+        ("bare dstate_prev", r"cell: step_backward returned as dstate_prev \(ndarray\)"),
+        ("gradient shape", r"the gradient of 'weight_hh' has shape \(1, 4\), summed over"),
+        ("unknown gradient", r"step_backward: gradients of unknown parameters \['u'\]"),
+    ],
+)
+def test_the_loop_checks_what_a_cell_returns(how, message):
+    model = rnn_xp.Recurrent(_Returns(how), 3, 4, seed=0)
+    xs = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    if how in ("bare state", "wide dtype"):
+        with pytest.raises(TypeError, match=message):
+            model.forward(xs)
+        return
+    out, _ = model.forward(xs)
+    with pytest.raises((TypeError, ValueError), match=message):
+        model.backward(np.ones_like(out))
+    assert model.grads is None
+
+
+def test_kernels_of_different_cell_classes_differ():
+    """JAX compiles a loop per equal kernel: a subclass must not run its parent's."""
+
+    class Quiet(rnn_xp.lstm_variants.PeepholeLSTMCell):
+        kind = "quiet_peephole"
+
+        def step(self, xp, ax, state, params):
+            return super().step(xp, ax * 0, state, params)
+
+    base, sub = rnn_xp.lstm_variants.PeepholeLSTMCell(), Quiet()
+    assert cells.kernel(base) != cells.kernel(sub)
+    assert base != sub
+
+    class Same(rnn_xp.lstm_variants.PeepholeLSTMCell):  # keeps the built-in's kind
+        def step(self, xp, ax, state, params):
+            return super().step(xp, ax * 0, state, params)
+
+    with pytest.raises(ValueError, match=r"mode: the cell's kind 'lstm_peephole' is the name"):
+        rnn_xp.Recurrent(Same(), 3, 4)
+
+
+def _cell(**attributes):
+    return type("Odd", (IndRNN,), attributes)()
+
+
+@pytest.mark.parametrize(
+    ("cell", "message"),
+    [
+        (_cell(kind=""), r"cell: Odd.kind: expected a non-empty string"),
+        (_cell(state_names=["h"]), r"cell: Odd.state_names: expected a tuple of one or two"),
+        (_cell(gates=True), r"cell: Odd.gates: expected a positive integer"),
+        (_cell(projection=("w", None)), r"cell: Odd.projection: expected \('weight_ih'"),
+        (_cell(__eq__=lambda s, o: True, __hash__=None), r"cell: Odd is not hashable"),
+        (
+            _cell(parameters=lambda s, D, H: {"weight_ih": cells.Param((H, D + 0.5))}),
+            r"'weight_ih': expected a Param with a tuple of positive ints as shape",
+        ),
+        (
+            _cell(parameters=lambda s, D, H: {"weight_ih": cells.Param((H, D), bias=True)}),
+            r"expected 'weight_ih' of shape \(gates\*H, D\) = \(4, 3\), not a bias",
+        ),
+        (
+            _cell(
+                parameters=lambda s, D, H: {
+                    "weight_ih": cells.Param((H, D)),
+                    "bias_ih": cells.Param((H + 1,)),
+                }
+            ),
+            r"expected the projection's bias 'bias_ih' of shape \(gates\*H,\) = \(4,\)",
+        ),
+        (_cell(state_sizes=lambda s, H: ()), r"cell: Odd.state_sizes\(4\): expected one"),
+    ],
+)
+def test_a_cell_that_declares_nonsense_gets_one_clear_error(cell, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        rnn_xp.Recurrent(cell, 3, 4)
+
+
+def test_the_layer_and_the_projected_cell_refuse_bad_settings():
+    with pytest.raises(ValueError, match=r"cell: CellLayer keeps each state as an attribute"):
+        cells.CellLayer(_cell(state_names=("params",)), {})
+    for bad in (0, -1, 2.5, True, "a"):
+        with pytest.raises(ValueError, match=r"proj_size: expected a positive integer"):
+            rnn_xp.lstm_variants.ProjectedLSTMCell(bad)
+    with pytest.raises(TypeError, match=r"state0: expected a tuple of 1 arrays"):
+        cells.sequence_forward(
+            IndRNN(),
+            np.zeros((2, 5, 3)),
+            {"weight_ih": np.zeros((4, 3)), "weight_hh": np.zeros(4)},
+            np.zeros((2, 4)),
+        )
