@@ -1,4 +1,5 @@
-"""Optimizers written once against the array API: SGD with gradient clipping, and Adam.
+"""Optimizers written once against the array API: SGD with gradient clipping, Adam, and a
+dynamic loss scaler for float16 training.
 
 Both work on dicts of parameters and gradients of any supported library and
 return new parameter dicts; nothing is updated in place, so they run on JAX
@@ -19,7 +20,7 @@ from ._backends import on_input_device
 
 Array = Any
 
-__all__ = ["SGD", "Adam", "clip_by_global_norm"]
+__all__ = ["SGD", "Adam", "LossScaler", "clip_by_global_norm"]
 
 
 def _plain(arrays: dict[Any, Array]) -> None:
@@ -131,4 +132,99 @@ class Adam:
             m_hat = m / (1 - b1**self.t)
             v_hat = v / (1 - b2**self.t)
             new[k] = p - self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
+        return new
+
+
+def _number(name: str, value: Any, low: float, high: float = float("inf")) -> float:
+    """``value`` as a float in (low, high); ValueError naming ``name`` otherwise."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not low < value < high:
+        raise ValueError(f"{name}: expected a number in ({low}, {high}), got {value!r}")
+    return float(value)
+
+
+class LossScaler:
+    """Dynamic loss scaling for training in float16, written once for every library.
+
+    float16 holds nothing below about 6e-8 (and nothing normal below 6e-5), so
+    small gradients vanish; scaling the gradient that enters the backward by
+    ``scale`` lifts them into range, and the step divides it out again. A step
+    whose gradients overflowed (inf or NaN) is skipped and the scale backs off;
+    after ``growth_interval`` finite steps in a row it grows. This is torch's
+    ``GradScaler`` and optax's ``DynamicScale``. bfloat16 has float32's range
+    and needs none.
+
+    Use: ``dout = scaler.scale_gradient(dout)`` (and any ``dh_n``) before
+    ``model.backward``, then ``params = scaler.step(optimizer, params, model.grads)``.
+
+    Parameters
+    ----------
+    init_scale : float, default 2**15
+    growth_factor : float, default 2
+    backoff_factor : float, default 0.5
+    growth_interval : int, default 2000
+        Finite steps in a row before the scale grows.
+
+    Attributes
+    ----------
+    scale : float
+        The current scale, a Python float (the host decides, once per step).
+    skipped : int
+        How many steps were skipped so far.
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**15,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ) -> None:
+        self.scale = _number("init_scale", init_scale, 0)
+        self.growth_factor = _number("growth_factor", growth_factor, 1)
+        self.backoff_factor = _number("backoff_factor", backoff_factor, 0, 1)
+        interval = growth_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"growth_interval: expected a positive integer, got {interval!r}")
+        self.growth_interval = interval
+        self.skipped = 0
+        self._good = 0  # finite steps in a row
+
+    def scale_gradient(self, dout: Array) -> Array:
+        """``dout * scale``: the gradient to give the backward, in ``dout``'s dtype."""
+        _checks.real_floating(dout=dout)
+        return dout * self.scale
+
+    @on_input_device
+    def step(self, optimizer: Any, params: dict[str, Array], grads: dict[str, Array]) -> dict:
+        """Unscale ``grads``; step ``optimizer`` if all are finite, else skip; update the scale.
+
+        Returns the new parameters (``params`` itself when the step is
+        skipped: the optimizer's state is then untouched too). The gradients
+        are unscaled in float32 at least, so a float16 gradient that is finite
+        only scaled does not overflow back. Deciding reads one boolean from
+        the device: the one synchronisation of the step.
+        """
+        _plain(params)
+        _plain(grads)
+        if set(grads) != set(params):
+            raise ValueError(f"grads: expected the keys of params, got {sorted(map(str, grads))}")
+        xp = array_namespace(*grads.values())
+        unscaled = {}
+        for k, g in grads.items():
+            wide = g if g.dtype == xp.float64 else xp.astype(g, xp.float32)
+            unscaled[k] = wide / self.scale
+        finite = bool(xp.all(xp.stack([xp.all(xp.isfinite(g)) for g in unscaled.values()])))
+        if not finite:
+            self.scale *= self.backoff_factor
+            self.skipped += 1
+            self._good = 0
+            return params
+        new = optimizer.step(
+            params, {k: xp.astype(g, params[k].dtype) for k, g in unscaled.items()}
+        )
+        self._good += 1
+        if self._good >= self.growth_interval:
+            self.scale *= self.growth_factor
+            self._good = 0
         return new
