@@ -135,17 +135,17 @@ def forward(
         # input: anything else would reach the saved gates, and through them
         # every gradient (0 * NaN is NaN), and dWx through xs.T @ dax.
         xs = xp.where(mask3, xs, zeros(xp, (), xs.dtype, device(xs)))
-    stacked = False
+    stacked, pre = False, None
+    generic = getattr(cell, "generic", False)  # a `rnn_xp.cells.Cell`: no fused loop
     try:
-        if getattr(cell, "generic", False):  # no fused loop for a public cell
+        if generic:
             raise NotImplementedError
         outs, state, saved, h_prev = _fastpath.forward_fused(
             xp, cell, xs, Wx, bx, Wh, bh, state0, mask3, reverse, keep_tape, zero_state
         )
     except NotImplementedError:
         ax = project(xp, xs, Wx, bx)
-        pre = None
-        if getattr(cell, "generic", False):  # a `rnn_xp.cells.Cell`: its own input transform
+        if generic:  # the cell's own transform of the whole projection
             ax, pre = cell.prepare(xp, ax, Wh, keep_tape)
         try:
             outs, state, saved, h_prev = _fastpath.forward(
@@ -159,8 +159,6 @@ def forward(
     if not keep_tape:
         return outs, state, None
     widths = tuple(s.shape[1] for s in state0)
-    if not getattr(cell, "generic", False):
-        pre = None
     tape = Tape(xs, Wx, Wh, bx, bh, saved, h_prev, mask3, reverse, stacked, widths, pre)
     return outs, state, tape
 
@@ -194,7 +192,7 @@ def backward(
     """
     xs, Wx, bx, bh, h_prev = tape.xs, tape.Wx, tape.bx, tape.bh, tape.h_prev
     generic = getattr(cell, "generic", False)
-    if generic:
+    if generic:  # before any work: every backward of a public cell comes through here
         cell.check_backward(xp)
     # A zero gradient for each state, (N, width): a generic cell's states may differ in width.
     N = douts.shape[0]

@@ -851,8 +851,6 @@ class Recurrent:
         lstm = self.cell.n_states == 2
         dh_n, dc_n = self._split_state("dh_n", dh_n, lstm)
         xp, _, _ = _checks.common(dout=dout, dh_n=dh_n, dc_n=dc_n, xs=c["xs"])
-        if self._own is not None:
-            self.cell.check_backward(xp)
         N, T = c["N"], c["T"]
         H = self._widths[0]  # of the output, per direction
         F = self.num_directions * H
