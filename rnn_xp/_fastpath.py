@@ -10,7 +10,9 @@ This module only dispatches. The loops live in one module per library family:
 
 The rule for every function here: it either does the whole job or raises
 `NotImplementedError` (before any work), and `_scan` then runs its generic
-array-API loop. Setting `DISABLED` forces the generic loop everywhere. The
+array-API loop. Setting `DISABLED` forces the generic loop everywhere. Under
+a precision policy (``xp`` a `_mixed.Namespace`) the fused loops, which call
+their library's own product, refuse too; JAX's scan takes the policy. The
 test suite runs both paths on every backend and checks that they agree
 (``tests/test_fastpath.py``).
 """
@@ -29,6 +31,7 @@ from array_api_compat import (
 
 from . import _fused_jax, _fused_numpy, _fused_torch
 from ._backends import on_device_of
+from ._mixed import Namespace
 
 DISABLED = False
 """Set to True to force the generic loop everywhere (the tests compare both)."""
@@ -40,7 +43,7 @@ def _library(xp: ModuleType, *arrays) -> Any:
     NotImplementedError for other libraries, and for torch tensors that
     autograd is recording (in-place writes would cut its graph).
     """
-    if DISABLED:
+    if DISABLED or isinstance(xp, Namespace):
         raise NotImplementedError
     if is_numpy_namespace(xp):
         import numpy as lib
@@ -91,7 +94,8 @@ def forward(xp: ModuleType, cell: Any, ax, Wh, bh, state0, mask3, reverse: bool,
     """
     if DISABLED or not is_jax_namespace(xp):
         raise NotImplementedError
-    return _fused_jax.forward(cell, ax, Wh, bh, state0, mask3, reverse, keep)
+    policy = getattr(xp, "policy", None)  # the scan builds the policy's namespace itself
+    return _fused_jax.forward(cell, ax, Wh, bh, state0, mask3, reverse, keep, policy)
 
 
 def backward_fused(xp: ModuleType, cell: Any, tape: Any, douts, dstate_n):
@@ -129,4 +133,4 @@ def input_grads(xp: ModuleType, xs, Wx, dax):
 
 def backward_stacked(xp: ModuleType, cell: Any, tape: Any, douts, dstate):
     """The backward of the JAX `forward`: ``(dax3, dah3, dstate0, h_prev3)``."""
-    return _fused_jax.backward(cell, tape, douts, dstate)
+    return _fused_jax.backward(cell, tape, douts, dstate, getattr(xp, "policy", None))

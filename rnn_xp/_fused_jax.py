@@ -18,17 +18,22 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from . import _mixed
 
-def forward(cell: Any, ax, Wh, bh, state0, mask3, reverse: bool, keep: bool):
-    """``(outs, state_n, saved, h_prev)`` of one direction from the projection ``ax``."""
+
+def forward(cell: Any, ax, Wh, bh, state0, mask3, reverse: bool, keep: bool, policy=None):
+    """``(outs, state_n, saved, h_prev)`` of one direction from the projection ``ax``.
+
+    ``policy``: a `rnn_xp.precision.Policy` whose products the steps use, or None.
+    """
     forward_scan, _ = _jax_scans()
     state, outs, saved, h_prev = forward_scan(
-        ax, Wh, bh, tuple(state0), mask3, cell=cell, reverse=reverse, keep=keep
+        ax, Wh, bh, tuple(state0), mask3, cell=cell, reverse=reverse, keep=keep, policy=policy
     )
     return outs, state, saved, h_prev
 
 
-def backward(cell: Any, tape: Any, douts, dstate):
+def backward(cell: Any, tape: Any, douts, dstate, policy=None):
     """The backward of `forward`: ``(dax3, dah3, dstate0, h_prev3)``, batch-major."""
     _, backward_scan = _jax_scans()
     return backward_scan(
@@ -40,6 +45,7 @@ def backward(cell: Any, tape: Any, douts, dstate):
         tape.Wh,
         cell=cell,
         reverse=tape.reverse,
+        policy=policy,
     )
 
 
@@ -51,10 +57,15 @@ def _jax_scans():
     import jax
     import jax.numpy as jnp
 
-    def forward_scan(ax, Wh, bh, state0, mask3, *, cell, reverse, keep):
+    def namespace(policy):
+        return jnp if policy is None else _mixed.namespace(jnp, policy)
+
+    def forward_scan(ax, Wh, bh, state0, mask3, *, cell, reverse, keep, policy):
+        xp = namespace(policy)
+
         def body(state, inputs):
             a_t, m = inputs
-            new, saved = cell.step(jnp, a_t, state, Wh, bh)
+            new, saved = cell.step(xp, a_t, state, Wh, bh)
             if m is None:
                 nxt, out = new, new[0]
             else:
@@ -68,15 +79,17 @@ def _jax_scans():
         )
         return state, jnp.moveaxis(outs, 0, 1), saved, h_prev
 
-    def backward_scan(douts, dstate, saved, h_prev, mask3, Wh, *, cell, reverse):
+    def backward_scan(douts, dstate, saved, h_prev, mask3, Wh, *, cell, reverse, policy):
+        xp = namespace(policy)
+
         def body(dstate, inputs):
             d_t, saved_t, m = inputs
             dnew = (d_t + dstate[0], *dstate[1:])
             if m is None:
-                dprev, dax, dah = cell.step_backward(jnp, dnew, saved_t, Wh)
+                dprev, dax, dah = cell.step_backward(xp, dnew, saved_t, Wh)
             else:
                 dstep = tuple(jnp.where(m, d, 0) for d in dnew)
-                dprev, dax, dah = cell.step_backward(jnp, dstep, saved_t, Wh)
+                dprev, dax, dah = cell.step_backward(xp, dstep, saved_t, Wh)
                 dprev = tuple(p + jnp.where(m, 0, d) for p, d in zip(dprev, dstate))
             return dprev, (dax, dah)
 
@@ -90,6 +103,6 @@ def _jax_scans():
         return dax, dah, dstate0, move(h_prev)
 
     return (
-        jax.jit(forward_scan, static_argnames=("cell", "reverse", "keep")),
-        jax.jit(backward_scan, static_argnames=("cell", "reverse")),
+        jax.jit(forward_scan, static_argnames=("cell", "reverse", "keep", "policy")),
+        jax.jit(backward_scan, static_argnames=("cell", "reverse", "policy")),
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import _autodiff
+from . import _autodiff, _scan
 
 Array = Any
 
@@ -188,7 +188,7 @@ def _over_time(xp: ModuleType, who: str, name: str, dsteps: Any, stacked: bool) 
         if g is None:
             return None
         if isinstance(g, Outer):
-            return _rows(xp, g.left).T @ _rows(xp, g.right)
+            return _scan.reduction_matmul(xp)(_rows(xp, g.left).T, _rows(xp, g.right))
         return xp.sum(g, axis=1)  # the JAX scan's time axis, moved to 1
     steps = [d.get(name) for d in dsteps if d.get(name) is not None]
     if not steps:
@@ -201,7 +201,7 @@ def _over_time(xp: ModuleType, who: str, name: str, dsteps: Any, stacked: bool) 
     if isinstance(steps[0], Outer):
         left = xp.concat([o.left for o in steps], axis=0)
         right = xp.concat([o.right for o in steps], axis=0)
-        return left.T @ right
+        return _scan.reduction_matmul(xp)(left.T, right)
     return xp.sum(xp.stack(steps, axis=0), axis=0)
 
 

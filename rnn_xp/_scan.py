@@ -102,7 +102,7 @@ def _unrows(xp: ModuleType, a: Array, N: int, T: int) -> Array:
 def project(xp: ModuleType, xs: Array, Wx: Array, bx: Array | None) -> Array:
     """``xs @ Wx + bx`` for all N*T rows as one matrix product: (N, T, G)."""
     N, T, _ = xs.shape
-    ax = _unrows(xp, _rows(xp, xs) @ Wx, N, T)
+    ax = _unrows(xp, xp.matmul(_rows(xp, xs), Wx), N, T)
     return ax if bx is None else ax + _bias_over_time(xp, bx)
 
 
@@ -191,6 +191,7 @@ def backward(
     ``dstate_n`` with respect to the final state, None entries meaning zero.
     """
     xs, Wx, bx, bh, h_prev = tape.xs, tape.Wx, tape.bx, tape.bh, tape.h_prev
+    reduce = reduction_matmul(xp)
     generic = getattr(cell, "generic", False)
     if generic:  # before any work: every backward of a public cell comes through here
         cell.check_backward(xp)
@@ -214,8 +215,8 @@ def backward(
         # The cell's own parameter gradients (``dah3``: per step), then those of
         # its input transform, which turn ``dax3`` into the projection's gradient.
         dax3, dparams = cell.param_grads(xp, dax3, dah3, tape)
-        dxs = _unrows(xp, _rows(xp, dax3) @ Wx.T, xs.shape[0], xs.shape[1])
-        dWx = _rows(xp, xs).T @ _rows(xp, dax3)
+        dxs = _unrows(xp, xp.matmul(_rows(xp, dax3), Wx.T), xs.shape[0], xs.shape[1])
+        dWx = reduce(_rows(xp, xs).T, _rows(xp, dax3))
         dbx = None if bx is None else _sum_over_time(xp, dax3, False, bx)
         return dxs, dstate, dWx, dparams, dbx, None
 
@@ -225,12 +226,22 @@ def backward(
         dxs, dWx = _fastpath.input_grads(xp, xs, Wx, dax3)
     else:
         dax2 = _rows(xp, dax3)
-        dxs = _unrows(xp, dax2 @ Wx.T, xs.shape[0], xs.shape[1])
-        dWx = _rows(xp, xs).T @ dax2
-    dWh = _rows(xp, h_prev3).T @ _rows(xp, dah3)
+        dxs = _unrows(xp, xp.matmul(dax2, Wx.T), xs.shape[0], xs.shape[1])
+        dWx = reduce(_rows(xp, xs).T, dax2)
+    dWh = reduce(_rows(xp, h_prev3).T, _rows(xp, dah3))
     dbx = None if bx is None else _sum_over_time(xp, dax3, time_major, bx)
     dbh = None if bh is None else _sum_over_time(xp, dah3, time_major, bh)
     return dxs, dstate, dWx, dWh, dbx, dbh
+
+
+def reduction_matmul(xp: ModuleType) -> Any:
+    """The product that sums the weights' gradients over the N*T rows: float32 under a policy.
+
+    A precision policy (`rnn_xp._mixed.Namespace`) rounds the operands of the
+    forward's and the backward's per-row products; the reductions of the
+    gradients stay in the computation dtype, so they are the library's own.
+    """
+    return getattr(xp, "base", xp).matmul
 
 
 def _sum_over_time(xp: ModuleType, a: Array, time_major: bool, b: Array) -> Array:

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _checks, _fastpath
+from . import _checks, _fastpath, _mixed
 from ._backends import on_model_device, zeros
 from ._layer import cast
 
@@ -143,7 +143,9 @@ def step(model: Any, x_t: Array, state: State | None = None) -> tuple[Array, Sta
     -----
     Arrays, dtypes and devices follow `Recurrent.forward`: the step computes
     in the result dtype of ``x_t``, the state and the parameters, and returns
-    arrays of that dtype. Nothing is recorded for `Recurrent.backward`, and
+    arrays of that dtype; under the model's precision policy (``precision=``)
+    it runs the policy as `forward` does: ``y_t`` in its output dtype, the
+    state float32. Nothing is recorded for `Recurrent.backward`, and
     the model is not changed: a tape from an earlier ``forward`` survives.
 
     ``for t in range(T): y[t], state = step(model, xs[t], state)`` gives
@@ -165,7 +167,7 @@ def step(model: Any, x_t: Array, state: State | None = None) -> tuple[Array, Sta
             "inference and applies no dropout: call model.eval() first"
         )
     plan = _plan(model)
-    if plan.numpy and not _fastpath.DISABLED:
+    if plan.numpy and not _fastpath.DISABLED and model.precision is None:
         states = _numpy_states(plan, x_t, state)
         if states is not None:
             return _numpy_step(plan, x_t, *states)
@@ -316,6 +318,11 @@ def _generic_step(model: Any, x_t: Array, state: Any) -> tuple:
     for name, s, (label, w) in zip(names, (h0, c0), model._state_labels()):
         if s is not None:
             _checks.check_shape(name, s, [("num_layers", L), ("N", N), (label, w)])
+    # The model's precision policy, as `forward` runs it: its products, float32 state.
+    policy = model.precision
+    run = xp if policy is None else _mixed.namespace(xp, policy)
+    if policy is not None:
+        dtype = xp.float32
     x, h0, c0 = cast(xp, dtype, x_t, h0, c0)
 
     h_n, c_n = [], []
@@ -324,14 +331,16 @@ def _generic_step(model: Any, x_t: Array, state: Any) -> tuple:
             zeros(xp, (N, w), dtype, dev) if s is None else s[layer, ...]
             for s, w in zip((h0, c0) if lstm else (h0,), model._widths)
         )
-        Wx, Wh, bx, bh = model._weights(xp, dtype, layer, 0)
-        ax = x @ Wx
+        Wx, Wh, bx, bh = model._weights(run, dtype, layer, 0)
+        ax = run.matmul(x, Wx)
         ax = ax if bx is None else ax + bx
         if getattr(model.cell, "generic", False):  # a public cell's input transform, one row
-            ax = model.cell.prepare(xp, xp.expand_dims(ax, axis=1), Wh, False)[0][:, 0, :]
-        new, _ = model.cell.step(xp, ax, state0, Wh, bh)
+            ax = model.cell.prepare(run, xp.expand_dims(ax, axis=1), Wh, False)[0][:, 0, :]
+        new, _ = model.cell.step(run, ax, state0, Wh, bh)
         x = new[0]
         h_n.append(x)
         c_n.extend(new[1:])
     h_n = xp.stack(h_n, axis=0)
+    if policy is not None:
+        x = cast(xp, getattr(xp, policy.output), x)[0]
     return x, ((h_n, xp.stack(c_n, axis=0)) if lstm else h_n)

@@ -27,8 +27,10 @@ import errno
 import functools
 import math
 import os
+import queue
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ import numpy as np
 
 from . import _transfer
 from ._backends import BackendNotInstalled, BackendUnavailable, for_run
+from ._transfer import _Failed
 from .io import _NPY_HEAD, WeightsError, load, npy_header
 from .model import Recurrent, _dtype_name
 
@@ -89,6 +92,9 @@ class Job:
     S: int  # num_layers * num_directions
     H: int
     lstm: bool
+    # Chunks computed at once in this process, each by a thread of its own
+    # (`run_file`); 1 on backends where threads do not pay.
+    jobs: int = 1
     # (device, inode) of each temporary output, once created: a worker writes
     # only into the very files this job created and locked.
     written: tuple[tuple[str, tuple[int, int]], ...] = ()
@@ -343,6 +349,7 @@ def prepare(
     dtype: str | None = None,
     backend: str = "numpy",
     device: str | None = None,
+    jobs: int | None = 1,
 ) -> Job:
     """Check every input of the job before any work and before any file exists.
 
@@ -351,11 +358,24 @@ def prepare(
     weights, the input (a real floating .npy of shape (N, T, D) with T >= 1;
     N = 0 gives empty outputs), every length, the outputs' folders, and that
     no output (nor its temporary ``.partial`` name) is one of the inputs.
+
+    ``jobs`` is how many chunks `run_file` computes at once, each in a thread
+    of its own, on NumPy and on torch on the CPU (see `threads_pay`; other
+    backends take 1, and refuse more); None: as many as this process has
+    cores, fewer if their chunks would not fit in memory (and never more than
+    there are chunks). The default, 1, keeps `run_file` as it was: the
+    computing in the caller's thread, one thread reading ahead; ``rnn-xp
+    run`` owns its process and defaults to None. The outputs are the same
+    whatever ``jobs`` (see `run_file`).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
         raise BatchError(f"--batch-size: expected a positive integer, got {batch_size!r}")
     if batch_size < 1:
         raise BatchError(f"--batch-size: expected a positive integer, got {batch_size}")
+    if jobs is not None and (
+        isinstance(jobs, bool) or not isinstance(jobs, int | np.integer) or jobs < 1
+    ):
+        raise BatchError(f"--jobs: expected a positive integer, got {jobs!r}")
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise BatchError(f"--dtype: expected one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     outputs = {"--out": check_output_path(out, "--out", [".npy"], [partial_name(out)])}
@@ -368,7 +388,12 @@ def prepare(
         sources["--lengths"] = os.fspath(lengths)
     check_not_an_input({k: [v, partial_name(v)] for k, v in outputs.items()}, sources)
 
-    backend_for(backend, device)
+    loaded = backend_for(backend, device)
+    if jobs is not None and jobs > 1 and not threads_pay(loaded):
+        raise BatchError(
+            f"--jobs: only --backend numpy, and torch on the CPU, compute chunks in threads; "
+            f"expected 1 for {_where(backend, device)}, got {jobs}"
+        )
     head = load_weights(weights, "--weights")
     xs = read_npy(input, "--input")
     D = head.input_size
@@ -399,7 +424,21 @@ def prepare(
     # A chunk is read through a scratch buffer in the file's own dtype unless it
     # lands in the staging buffer as it is (C order, the computation's dtype).
     scratch = xs.dtype.itemsize if np.isfortran(xs) or xs.dtype != np.dtype(name) else 0
-    _check_chunk_memory(min(batch_size, N), T, D, head.cell.gates * H, F, itemsize, scratch)
+    chunks = -(-N // batch_size)
+    if not threads_pay(loaded):
+        jobs = 1
+    wanted = max(1, min(available_cores() if jobs is None else int(jobs), chunks))
+    jobs = _check_chunk_memory(
+        min(batch_size, N),
+        T,
+        D,
+        head.cell.gates * H,
+        F,
+        itemsize,
+        scratch,
+        jobs=wanted,
+        fewer=jobs is None,
+    )
     return Job(
         weights=str(weights),
         input=str(input),
@@ -417,7 +456,42 @@ def prepare(
         S=S,
         H=H,
         lstm=lstm,
+        jobs=jobs,
     )
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    count = getattr(os, "process_cpu_count", None)  # Python 3.13
+    if count is not None:
+        return count() or 1
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def threads_pay(loaded: Any) -> bool:
+    """Whether chunks computed in threads of their own beat one chunk at a time.
+
+    NumPy runs its elementwise work on one core, so one chunk at a time leaves
+    the others idle but for BLAS: at the issue's size (chunks of 1024 x 50
+    sequences, a 2-layer bidirectional LSTM with H=64) on 2 cores, the work
+    took 1.6x the time of two threads, each with a one-thread BLAS, and the
+    whole run 1.48x (BENCHMARKS.md). torch on the CPU spends its intra-op
+    threads on small kernels: 1.7-2.0x the work, 1.10-1.17x the whole run
+    (torch's import is most of the rest). Both release the GIL in their
+    kernels. A GPU runs one stream of kernels (the staged copies overlap them
+    instead), and JAX compiles the whole loop to XLA, which has its own
+    threads.
+    """
+    if loaded.name == "numpy":
+        return True
+    return loaded.name == "torch" and getattr(loaded.device, "type", None) == "cpu"
+
+
+def _where(backend: str, device: str | None) -> str:
+    return f"--backend {backend}" + ("" if device is None else f" --device {device}")
 
 
 def check_space(path: str, option: str, needed: int) -> None:
@@ -439,23 +513,56 @@ def check_space(path: str, option: str, needed: int) -> None:
 
 
 def _check_chunk_memory(
-    B: int, T: int, D: int, G: int, F: int, itemsize: int, scratch_itemsize: int = 0
-) -> None:
-    """One chunk in flight (and the next one read ahead) fits in this machine's memory."""
+    B: int,
+    T: int,
+    D: int,
+    G: int,
+    F: int,
+    itemsize: int,
+    scratch_itemsize: int = 0,
+    jobs: int = 1,
+    fewer: bool = False,
+) -> int:
+    """The chunks in flight fit in this machine's memory; returns ``jobs``, or with ``fewer``
+    the most chunks at once, up to ``jobs``, that fit."""
     memory = physical_memory()
-    # Input: the two staging buffers and, on a CPU backend, two copies of the
-    # chunk on the backend (the one computing, the next one read ahead; a
-    # released chunk's copy is dropped before the reader stages the one after),
-    # and the reader's scratch buffer if it needs one (`_NpyRows`). Then one
-    # layer's input projection, a layer's output, the result copied back: an
-    # upper estimate per sequence.
-    needed = B * T * ((4 * D + G + 3 * F) * itemsize + D * scratch_itemsize)
-    if memory is not None and needed > memory:
+    if memory is None:
+        return jobs
+    if fewer:
+        while jobs > 1 and _chunk_memory(B, T, D, G, F, itemsize, scratch_itemsize, jobs) > memory:
+            jobs -= 1
+    needed = _chunk_memory(B, T, D, G, F, itemsize, scratch_itemsize, jobs)
+    if needed <= memory:
+        return jobs
+    one = _chunk_memory(B, T, D, G, F, itemsize, scratch_itemsize, 1)
+    if one <= memory:
         raise BatchError(
-            f"--batch-size: a chunk of {B} sequences of T={T} needs about "
+            f"--jobs: {jobs} chunks of {B} sequences of T={T} at once need about "
             f"{human_bytes(needed)} of memory, more than this machine's {human_bytes(memory)}; "
-            "give a smaller --batch-size"
+            "give a smaller --jobs or --batch-size"
         )
+    raise BatchError(
+        f"--batch-size: a chunk of {B} sequences of T={T} needs about "
+        f"{human_bytes(one)} of memory, more than this machine's {human_bytes(memory)}; "
+        "give a smaller --batch-size"
+    )
+
+
+def _chunk_memory(
+    B: int, T: int, D: int, G: int, F: int, itemsize: int, scratch_itemsize: int, jobs: int
+) -> int:
+    """An upper estimate of the memory of ``jobs`` chunks in flight.
+
+    Input: one chunk at a time (`_run_chunks`) holds the two staging buffers
+    and, on a CPU backend, two copies of the chunk on the backend (the one
+    computing, the next one read ahead; a released chunk's copy is dropped
+    before the reader stages the one after); chunks in threads (`_Threads`)
+    hold one buffer and one copy per thread. Then the reader's scratch buffer
+    if it needs one (`_NpyRows`, one for all threads), and per chunk computing
+    one layer's input projection, a layer's output and the result copied back.
+    """
+    inputs = 4 if jobs == 1 else 2 * jobs
+    return B * T * ((inputs * D + jobs * (G + 3 * F)) * itemsize + D * scratch_itemsize)
 
 
 class _Partial:
@@ -709,16 +816,33 @@ def _chunk_task(job: Job, start: int, stop: int) -> int:
 def run_file(job: Job, progress: Callable[[int], Any] | None = None) -> None:
     """The job in this process; ``progress(n)`` after each chunk of n sequences.
 
+    With ``job.jobs`` > 1 (see `prepare`), that many chunks compute at once,
+    each in a thread of its own (`_Threads`); otherwise one at a time while a
+    second thread reads the next (`_transfer.Staging`). The outputs are the
+    same either way, bit for bit: the chunks are the same, each is computed
+    by the same calls, and on the backends that take threads (`threads_pay`)
+    BLAS (torch) is held to one thread whenever there is more than one chunk,
+    whatever ``jobs`` (`_one_thread_each`): OpenBLAS's products can differ in
+    their last bits between one thread and several (its threaded driver
+    splits K into other blocks: K = 500 and 1000 differed, 512 did not). So
+    the outputs also do not depend on this machine's core count. A run of
+    one chunk keeps BLAS's threads, which then have the cores to themselves.
     With N = 0 the outputs are empty arrays of the right shape. If the job
     fails, its temporary outputs are removed and nothing else is written.
     """
     chunks = job.chunks()
-    transfer, staging = _on_device(job, chunks)
+    transfer, source = _on_device(job, chunks)
     try:
-        with contextlib.nullcontext() if staging is None else staging, _outputs(job) as made:
+        with (
+            contextlib.nullcontext() if source is None else source,
+            _outputs(job) as made,
+            _one_thread_each(transfer, len(chunks)),
+        ):
             files = {option: partial.array() for option, partial in made.items()}
-            if staging is not None:
-                _run_chunks(job, files, staging, transfer, progress)
+            if isinstance(source, _Threads):
+                source.run(files, progress)
+            elif source is not None:
+                _run_chunks(job, files, source, transfer, progress)
             del files  # unmapped before the rename
     except RuntimeError as exc:  # the outputs are removed by now
         if isinstance(exc, NotImplementedError | RunFailed):
@@ -737,8 +861,9 @@ def _run_failed(job: Job, exc: RuntimeError) -> RunFailed:
 
 def _on_device(
     job: Job, chunks: list[tuple[int, int]]
-) -> tuple[_transfer.Transfer, _transfer.Staging | None]:
-    """The model, the transfer and its staging buffers (None without chunks), before any file.
+) -> tuple[_transfer.Transfer, _transfer.Staging | _Threads | None]:
+    """The model, the transfer and what feeds it the chunks, before any file: the staging
+    buffers, or the threads of `_Threads` where ``job.jobs`` > 1 (None without chunks).
 
     A device that passed `backend_for` but fails to take the model or the
     buffers (busy, out of memory, a broken driver) is refused here, in one
@@ -749,6 +874,9 @@ def _on_device(
         transfer = _transfer.transfer_for(loaded)
         if not chunks:
             return transfer, None
+        threads = min(job.jobs, len(chunks))
+        if threads > 1 and not transfer.asynchronous:  # `prepare` allows jobs only on a CPU
+            return transfer, _Threads(job, transfer, threads)
         fill, buffers, close = _staged_inputs(job)
         try:
             return transfer, _transfer.Staging(transfer, fill, chunks, buffers, close_source=close)
@@ -899,6 +1027,152 @@ def _run_chunks(
         _write(job, files, chunk.start, chunk.stop, out, states)
         if progress is not None:
             progress(chunk.stop - chunk.start)
+
+
+class _Threads:
+    """The chunks of a job computed ``threads`` at a time, each thread reading, computing and
+    writing whole chunks, taken in order, until none is left.
+
+    One chunk at a time leaves every core but one idle during NumPy's
+    elementwise work (and torch's intra-op threads do little on small
+    kernels); here each thread has a core, BLAS (torch) being held to one
+    thread by `run_file`. The model is shared: an inference forward changes
+    nothing in it but its (empty) backward cache. The inputs are opened here, before any output
+    exists (as for `_transfer.Staging`), and read by one thread at a time: the
+    files share one offset and one scratch buffer, and a read is short beside
+    a chunk's compute. Each thread reuses one input buffer for its chunks.
+
+    Each finished chunk's size, and the first failure, reach the caller's
+    thread (`run`), which raises the very exception; the other threads stop
+    after their current chunk. As with `_transfer.Staging`, leaving by an
+    exception waits for them only ``stop_timeout`` seconds: one stuck in a
+    hung read is left behind (a daemon thread, holding its own references to
+    what it reads and writes), so that Ctrl-C or SIGTERM ends the process. The
+    last thread to end closes the input files; if none started, ``with`` does.
+    """
+
+    def __init__(
+        self, job: Job, transfer: _transfer.Transfer, threads: int, stop_timeout: float = 1.0
+    ) -> None:
+        self._job, self._transfer, self._stop_timeout = job, transfer, stop_timeout
+        self._chunks = job.chunks()
+        self._next = 0  # the next chunk to take
+        self._lock = threading.Lock()  # the input files, `_next` and `_alive`
+        self._stopping = threading.Event()
+        self._done: queue.SimpleQueue[int | _Failed] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name="rnn-xp chunks", daemon=True)
+            for _ in range(threads)
+        ]
+        self._alive = self._started = 0
+        self._files: dict = {}
+        self._fill, self._buffers, self._close = _staged_inputs(job)
+
+    def __enter__(self) -> _Threads:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if not self._started:  # never taken the lock: a thread left behind may hold it
+            self._close()
+
+    def run(self, files: dict, progress: Callable[[int], Any] | None) -> None:
+        """Compute every chunk into ``files``, the memory-mapped outputs by option."""
+        self._files = files
+        failing = True
+        try:
+            for thread in self._threads:
+                with self._lock:
+                    self._alive += 1
+                try:
+                    thread.start()
+                except BaseException:
+                    self._ended()
+                    raise
+                self._started += 1
+            for _ in self._chunks:
+                item = self._done.get()
+                if isinstance(item, _Failed):
+                    raise item.error
+                if progress is not None:
+                    progress(item)
+            failing = False
+        finally:
+            self._stopping.set()
+            for thread in self._threads[: self._started]:
+                thread.join(self._stop_timeout if failing else None)
+
+    def _take(self, host: tuple[np.ndarray, ...]) -> tuple[int, int, tuple] | None:
+        """The next chunk, its rows read into the front of ``host``; None when none is left."""
+        with self._lock:
+            if self._stopping.is_set() or self._next == len(self._chunks):
+                return None
+            start, stop = self._chunks[self._next]
+            self._next += 1
+            rows = tuple(h[: stop - start] for h in host)  # the last chunk may be shorter
+            self._fill(rows, start, stop)
+        return start, stop, rows
+
+    def _work(self) -> None:
+        job, transfer = self._job, self._transfer
+        try:
+            host = tuple(transfer.host_empty(shape, dtype) for shape, dtype in self._buffers)
+            while (chunk := self._take(host)) is not None:
+                start, stop, rows = chunk
+                if self._stopping.is_set():
+                    return  # another thread failed while this one read
+                arrays, _ = transfer.copy(None, rows, None)  # a fresh copy: `host` is free
+                x, n = arrays if job.lengths is not None else (arrays[0], None)
+                del arrays
+                out, states = _compute(job, start, stop, x, n, transfer.to_numpy)
+                del x, n  # this chunk's copy is freed before the next is read
+                _write(job, self._files, start, stop, out, states)
+                self._done.put(stop - start)
+        except BaseException as exc:  # raised again in the caller's thread
+            self._stopping.set()
+            self._done.put(_Failed(exc))
+        finally:
+            self._ended()
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._alive -= 1
+            last = self._alive == 0
+        if last:
+            self._close()
+
+
+@contextlib.contextmanager
+def _one_thread_each(transfer: _transfer.Transfer, chunks: int):
+    """BLAS (NumPy) or torch's intra-op pool held to one thread during a run of several
+    ``chunks``, on the backends that take threads (`threads_pay`; not a GPU's transfer).
+
+    The outputs then do not depend on how many chunks compute at once (see
+    `run_file`), and the threads of `_Threads` each take a core: a BLAS of as
+    many threads again in each would fight them for the cores. ``--jobs 1``
+    so runs on one core: on 2 cores, 0.96-1.19x the time of one chunk at a
+    time with OpenBLAS's 2 threads at H=64, 1.5x at H=512 (BENCHMARKS.md).
+    OpenBLAS's threads also lose much on a busy machine, where its idle
+    workers spin on the cores others need: with other jobs keeping both
+    cores busy, 20 chunks at the issue's size took 34-39 s one at a time with
+    them, 9.4-9.6 s in two threads without. Both settings are process-wide;
+    they are restored on the way out.
+    """
+    if chunks < 2 or transfer.asynchronous or not threads_pay(transfer.loaded):
+        yield
+    elif transfer.loaded.name == "torch":
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+    else:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
 
 
 def run_file_distributed(

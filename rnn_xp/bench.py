@@ -24,6 +24,13 @@ training forwards. ``--gpu`` times rnn_xp on CuPy and on torch CUDA against
 ``torch.nn`` (cuDNN) instead, float32 in two tables: the FP32 table with IEEE
 float32 everywhere (cuDNN's TF32 off) and the TF32 table with TF32 allowed to
 every contender. Contenders whose library is missing are left out with a note.
+
+``--precision bf16-mixed`` (or ``16-mixed``) adds, in float32 tables, rnn_xp's
+`Recurrent` under that mixed-precision policy on torch and JAX (``rnn_xp torch
+bf16-mixed``, ``rnn_xp jax bf16-mixed``) and ``torch.nn`` under
+``torch.autocast`` to the format: beside the float32 rows, their ratio is the
+policy's gain. With ``--gpu`` the ``bf16-mixed`` rows are on by default (torch
+CUDA and, where JAX sees a GPU, JAX); ``--precision 32-true`` leaves them out.
 """
 
 from __future__ import annotations
@@ -224,6 +231,86 @@ def rnn_xp_cupy(kind: str, a: dict) -> dict:
     return {("rnn_xp cupy", False): run(False), ("rnn_xp cupy", True): run(True)}
 
 
+def _model(kind: str, a: dict, like: object):
+    """A one-layer `Recurrent` of ``kind`` of ``a``'s sizes, batch-first, on ``like``'s library."""
+    D, H = a["xs"].shape[2], a["Wh"].shape[0]
+    return rnn_xp.Recurrent(kind, D, H, batch_first=True, seed=0, like=like)
+
+
+def rnn_xp_torch_mixed(kind: str, a: dict, policy: str, device: str = "cpu") -> dict:
+    """rnn_xp's `Recurrent` on torch tensors under the mixed-precision ``policy``."""
+    import torch
+
+    xs, dhs = (torch.asarray(a[k], device=device) for k in ("xs", "dhs"))
+    model = _model(kind, a, xs)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+
+    def run(backward):
+        def f():
+            with torch.no_grad():
+                model.forward(xs, inference=not backward, precision=policy)
+                if backward:
+                    model.backward(dhs)
+            sync()
+
+        return f
+
+    label = f"rnn_xp torch {policy}" if device == "cpu" else f"rnn_xp cuda {policy}"
+    return {(label, False): run(False), (label, True): run(True)}
+
+
+def rnn_xp_jax_mixed(kind: str, a: dict, policy: str) -> dict:
+    """rnn_xp's `Recurrent` on JAX arrays under ``policy``, under ``jax.jit``."""
+    import jax
+
+    j = {k: jax.numpy.asarray(v) for k, v in a.items()}
+    model = _model(kind, a, j["xs"])
+
+    def both(xs, dhs):
+        model.forward(xs, precision=policy)
+        return model.backward(dhs), model.grads
+
+    fwd = jax.jit(lambda xs: model.forward(xs, inference=True, precision=policy)[0])
+    grad = jax.jit(both)
+    return {
+        (f"rnn_xp jax {policy}", False): lambda: jax.block_until_ready(fwd(j["xs"])),
+        (f"rnn_xp jax {policy}", True): lambda: jax.block_until_ready(grad(j["xs"], j["dhs"])),
+    }
+
+
+class Unavailable(Exception):
+    """A contender that cannot run here; its message says why (printed as a note)."""
+
+
+def torch_nn_autocast(kind: str, a: dict, policy: str, device: str = "cpu") -> dict:
+    """``torch.nn`` under ``torch.autocast`` to the policy's format."""
+    import torch
+
+    from rnn_xp.precision import POLICIES
+
+    fmt = getattr(torch, POLICIES[policy])
+    plain = torch_nn(kind, a, device)
+
+    def autocast(f):
+        def g():
+            with torch.autocast(device.split(":")[0], fmt):
+                f()
+
+        return g
+
+    label = "torch.nn autocast" if device == "cpu" else "torch.nn cudnn autocast"
+    fns = {(f"{label} {POLICIES[policy]}", b): autocast(f) for (_, b), f in plain.items()}
+    try:  # torch 2.13's CPU LSTM (oneDNN) has no float16 autocast with autograd, for one
+        for f in fns.values():
+            f()
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0][:120]
+        raise Unavailable(
+            f"torch.nn under {POLICIES[policy]} autocast on {device}: {first}"
+        ) from exc
+    return fns
+
+
 CPU_CONTENDERS: list[Callable] = [
     limit,
     rnn_xp_numpy,
@@ -232,6 +319,8 @@ CPU_CONTENDERS: list[Callable] = [
     rnn_xp_torch,
     rnn_xp_jax,
 ]
+_MIXED: list[Callable] = [rnn_xp_torch_mixed, torch_nn_autocast, rnn_xp_jax_mixed]
+"""The rows of ``--precision``: a policy's own, and torch.nn's under autocast."""
 
 
 # -- timing ----------------------------------------------------------------------
@@ -299,21 +388,21 @@ def table(
     for make in contenders:
         try:
             found = make(kind, a)
-        except ImportError as exc:
+        except (ImportError, Unavailable) as exc:
             notes.append(f"{make.__name__}: skipped ({exc})")
             continue
         fns.update(found)
     timings = best_of(fns, rounds, budget_s)
     lines = [f"\n{kind}  N={size[0]} T={size[1]} D={size[2]} H={size[3]}  {dtype}{label}"]
     head = f"{'best ms':>10}{'GFLOP/s':>10}{'/limit':>9}{'/torch.nn':>11}"
-    lines.append(f"  {'contender':<22}{'pass':<9}{head}")
+    lines.append(f"  {'contender':<30}{'pass':<9}{head}")
     for (label, backward), t in timings.items():
         ref = {name: timings[name, b] for name, b in timings if b == backward}
         lim = ref.get("limit") or ref.get("rnn_xp cupy")
         peer = ref.get("torch.nn") or ref.get("torch.nn cudnn")
         gf = flops(kind, *size, backward) / t / 1e9
         lines.append(
-            f"  {label:<22}{'fwd+bwd' if backward else 'fwd':<9}{1e3 * t:>10.3f}{gf:>10.1f}"
+            f"  {label:<30}{'fwd+bwd' if backward else 'fwd':<9}{1e3 * t:>10.3f}{gf:>10.1f}"
             f"{t / lim if lim else float('nan'):>9.2f}{t / peer if peer else float('nan'):>11.2f}"
         )
     lines += [f"  note: {n}" for n in notes]
@@ -394,6 +483,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Time CuPy and torch CUDA against cuDNN instead. Default: off (CPU).",
     )
     parser.add_argument(
+        "--precision",
+        choices=["32-true", "bf16-mixed", "16-mixed"],
+        default=None,
+        help="Add rows under this mixed-precision policy (rnn_xp on torch and JAX, torch.nn "
+        "under autocast) to the float32 tables. Default: bf16-mixed with --gpu, none without.",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="A tiny run that only checks it works. Default: off.",
@@ -414,6 +510,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     kinds = args.kind or list(KINDS)
     dtypes = args.dtype or ["float32"]
+    if args.precision not in (None, "32-true") and "float32" not in dtypes:
+        parser.error(
+            f"argument --precision: the {args.precision} rows run float32 models; add "
+            "--dtype float32"
+        )
     if args.smoke:
         sizes, args.rounds, args.budget = SMOKE, 1, 1.0
     elif args.size:
@@ -430,6 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, device, these in [
             ("cupy", None, [rnn_xp_cupy]),
             ("torch", "cuda", [torch_nn, rnn_xp_torch]),
+            ("jax", "gpu", []),  # only its mixed rows, below
         ]:
             try:
                 for_run(name, device)
@@ -455,22 +557,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"best of {args.rounds} interleaved rounds"
     )
 
+    policy = args.precision or ("bf16-mixed" if args.gpu else "32-true")
+    mixed: list[Callable] = []
     if args.gpu:
         contenders = gpu_contenders
         for reason in missing:
             print(f"skipped {reason}")
-        extra_for = {torch_nn: {"device": "cuda"}, rnn_xp_torch: {"device": "cuda"}}
+        extra_for = {
+            torch_nn: {"device": "cuda"},
+            rnn_xp_torch: {"device": "cuda"},
+            rnn_xp_torch_mixed: {"device": "cuda", "policy": policy},
+            torch_nn_autocast: {"device": "cuda", "policy": policy},
+            rnn_xp_jax_mixed: {"policy": policy},
+        }
+        if policy != "32-true":
+            if rnn_xp_torch in contenders:
+                mixed += [rnn_xp_torch_mixed, torch_nn_autocast]
+            if not any(reason.startswith("jax") for reason in missing):
+                mixed.append(rnn_xp_jax_mixed)
     else:
-        contenders, extra_for = CPU_CONTENDERS, {}
+        contenders = CPU_CONTENDERS
+        extra_for = {m: {"policy": policy} for m in _MIXED}
+        if policy != "32-true":
+            mixed = list(_MIXED)
 
     for size in sizes:
         for dtype in dtypes:
             for mode, label in GPU_PRECISIONS if args.gpu and dtype == "float32" else [(None, "")]:
+                these = contenders + (mixed if dtype == "float32" else [])
                 for kind in kinds:
-                    bound = [
-                        (lambda k, a, m=m: m(k, a, **extra_for.get(m, {}))) for m in contenders
-                    ]
-                    for m, b in zip(contenders, bound):
+                    bound = [(lambda k, a, m=m: m(k, a, **extra_for.get(m, {}))) for m in these]
+                    for m, b in zip(these, bound):
                         b.__name__ = m.__name__
                     with contextlib.nullcontext() if mode is None else float32_matmul(mode):
                         lines = table(kind, size, dtype, bound, args.rounds, args.budget, label)

@@ -117,7 +117,9 @@ class Cell:
         ``step_backward`` needs: arrays, or a tuple, list or dict of them
         (JAX's loop stacks it over time); ignored without one. The new state
         is a tuple of arrays of the old state's shapes and dtypes (checked at
-        every step).
+        every step). Write matrix products as ``xp.matmul(a, b)``: under a
+        precision policy ``xp.matmul`` is the policy's product, while ``@``
+        multiplies the float32 operands as they are.
 
         A ``step_backward(self, xp, dstate, saved, params)``, when defined,
         returns ``(dstate_prev, dax, dparams)``: the gradients with respect

@@ -203,6 +203,18 @@ def _parser() -> argparse.ArgumentParser:
         help="Where to write the final states. Default: not written.",
     )
     p.add_argument(
+        "--jobs",
+        type=_argtypes.positive,
+        default=None,
+        metavar="J",
+        help="Chunks computed at once, each in a thread of its own (NumPy runs its "
+        "elementwise work on one core). For --backend numpy, and torch on the CPU; other "
+        "backends take 1. With more than one chunk, BLAS (torch) is held to one thread "
+        "whatever J, so the output is the same, bit for bit, whatever J. Default: the cores "
+        "this process may use (fewer if their chunks would not fit in memory, and no more "
+        "than there are chunks).",
+    )
+    p.add_argument(
         "--scheduler",
         type=_argtypes.nonempty,
         default=None,
@@ -257,6 +269,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=["float32", "float64"],
         default="float32",
         help="Parameter and computation dtype. Default: float32.",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["32-true", "bf16-mixed", "16-mixed"],
+        default="32-true",
+        help="Mixed precision for the LSTM: its matrix products read bfloat16 (torch, jax) or "
+        "float16 (all four) operands, its state and parameters stay float32; 16-mixed scales "
+        "the loss. Needs --dtype float32. Default: 32-true (none).",
     )
     p.add_argument(
         "--seed",
@@ -480,6 +500,12 @@ def run(args: argparse.Namespace) -> int:
     if distributed and importlib.util.find_spec("distributed") is None:
         option = "--scheduler" if args.scheduler is not None else "--workers"
         raise CLIError(f"{option}: needs dask.distributed; pip install 'rnn-xp[dask]'")
+    if distributed and args.jobs is not None:
+        option = "--scheduler" if args.scheduler is not None else "--workers"
+        raise CLIError(
+            f"--jobs: applies to a run in this process; with {option} each worker computes "
+            "one chunk at a time"
+        )
     job = batch.prepare(
         args.weights,
         args.input,
@@ -490,6 +516,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         backend=args.backend,
         device=args.device,
+        jobs=1 if distributed else args.jobs,
     )
     if not distributed:
         bar = _progress(job.N, "sequences", disable=args.no_progress)
@@ -550,6 +577,11 @@ def _plot_output(plot: str) -> str:
     return check_output_path(plot, "--plot", PLOT_SUFFIXES, [plot + ".partial"])
 
 
+def _setting(name: str, value: object) -> object:
+    """A checkpoint's setting as its option shows it: no policy is '32-true'."""
+    return "32-true" if name == "precision" and value is None else value
+
+
 def train(args: argparse.Namespace) -> int:
     from .train import (
         CheckpointError,
@@ -560,6 +592,24 @@ def train(args: argparse.Namespace) -> int:
     )
 
     backend = backend_for(args.backend, args.device)
+    precision = None if args.precision == "32-true" else args.precision
+    if precision is not None:
+        from . import _mixed
+        from .precision import Policy
+
+        if args.dtype != "float32":
+            raise CLIError(
+                f"--precision: {precision} keeps the parameters in float32; give --dtype "
+                f"float32, not {args.dtype}"
+            )
+        try:
+            _mixed.namespace(backend.xp, Policy(precision))
+        except _mixed.PolicyUnsupported:
+            raise CLIError(
+                f"--precision: --backend {args.backend} cannot run {precision} (its library has "
+                f"no {Policy(precision).operand} dtype); use --precision 16-mixed, or --backend "
+                "torch or jax"
+            ) from None
     V, H = len(set(load_text())), args.hidden_size
     seq_len, batch = 32, 16
     itemsize = 4 if args.dtype == "float32" else 8
@@ -575,7 +625,7 @@ def train(args: argparse.Namespace) -> int:
         outputs["--plot"] = [_plot_output(args.plot), args.plot + ".partial"]
     check_not_an_input(outputs, {})
 
-    settings = settings_of(H, seq_len, batch, 0.01, args.dtype, args.seed)
+    settings = settings_of(H, seq_len, batch, 0.01, args.dtype, args.seed, precision)
     resume = None
     if os.path.exists(checkpoint) and not args.restart:
         how = "give another --checkpoint path, or --restart to start over and overwrite it"
@@ -588,8 +638,16 @@ def train(args: argparse.Namespace) -> int:
             ) from None
         differ = resume.mismatches(settings)
         if differ:
-            names = {"hidden_size": "--hidden-size", "dtype": "--dtype", "seed": "--seed"}
-            diff = ", ".join(f"{names.get(k, k)} {a} (not {b})" for k, (a, b) in differ.items())
+            names = {
+                "hidden_size": "--hidden-size",
+                "dtype": "--dtype",
+                "seed": "--seed",
+                "precision": "--precision",
+            }
+            diff = ", ".join(
+                f"{names.get(k, k)} {_setting(k, a)} (not {_setting(k, b)})"
+                for k, (a, b) in differ.items()
+            )
             raise CLIError(
                 f"--checkpoint: {checkpoint!r} was made with {diff}; give the same settings "
                 f"to resume it, or {how}"
@@ -626,6 +684,7 @@ def train(args: argparse.Namespace) -> int:
             checkpoint=checkpoint,
             resume=resume,
             log_every=args.log_every,
+            precision=precision,
         )
     except WeightsError as exc:  # writing the checkpoint failed
         raise CLIError(f"--checkpoint: {exc.detail}") from None
@@ -646,7 +705,8 @@ def train(args: argparse.Namespace) -> int:
         )
     print(
         f"character-level LSTM on the Declaration of Independence, {steps_text}, "
-        f"{time.perf_counter() - start:.1f} s on {args.backend}\n"
+        f"{time.perf_counter() - start:.1f} s on {args.backend}"
+        f"{'' if precision is None else ', ' + precision}\n"
         f"  training loss      {result.losses[0]:.3f} -> {result.losses[-1]:.3f} nats/char\n"
         f"  held-out loss      {result.held_out:.3f} nats/char "
         f"(perplexity {result.perplexity:.1f})\n"

@@ -79,7 +79,7 @@ class ElmanCell:
         return (a + xp.abs(a)) / 2
 
     def step(self, xp, ax, state, Wh, bh):
-        a = state[0] @ Wh + ax
+        a = xp.matmul(state[0], Wh) + ax
         h = self.activate(xp, a if bh is None else a + bh)
         return (h,), h
 
@@ -87,7 +87,7 @@ class ElmanCell:
         d = dstate[0]
         # tanh' = 1 - h**2, applied as d - d*h*h: no scalar-array operation
         da = d - d * h * h if self.nonlinearity == "tanh" else d * xp.astype(h > 0, h.dtype)
-        return (da @ Wh.T,), da, da
+        return (xp.matmul(da, Wh.T),), da, da
 
 
 # -- the cell ---------------------------------------------------------------

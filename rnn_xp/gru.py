@@ -45,7 +45,7 @@ class GRUCell:
 
     def step(self, xp, ax, state, Wh, bh):
         (h,) = state
-        ah = h @ Wh
+        ah = xp.matmul(h, Wh)
         if bh is not None:
             ah = ah + bh
         H = h.shape[1]
@@ -63,7 +63,7 @@ class GRUCell:
         dz = dh * (h_prev - n) * z * (1 - z)
         dax = xp.concat([dr, dz, dn], axis=1)
         dah = xp.concat([dr, dz, dn * r], axis=1)
-        return (dh * z + dah @ Wh.T,), dax, dah
+        return (dh * z + xp.matmul(dah, Wh.T),), dax, dah
 
 
 CELL = GRUCell()

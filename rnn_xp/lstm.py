@@ -45,7 +45,7 @@ class LSTMCell:
 
     def step(self, xp, ax, state, Wh, bh):
         h, c = state
-        A = h @ Wh + ax
+        A = xp.matmul(h, Wh) + ax
         if bh is not None:
             A = A + bh
         H = h.shape[1]
@@ -70,7 +70,7 @@ class LSTMCell:
             ],
             axis=1,
         )
-        return (dA @ Wh.T, dc * f), dA, dA
+        return (xp.matmul(dA, Wh.T), dc * f), dA, dA
 
 
 CELL = LSTMCell()

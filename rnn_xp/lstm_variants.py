@@ -58,8 +58,8 @@ def _gates(xp: ModuleType, A: Array, H: int) -> tuple[Array, Array, Array, Array
     )
 
 
-def _recurrent(h: Array, ax: Array, params: dict) -> Array:
-    A = ax + h @ params["weight_hh"].T
+def _recurrent(xp: ModuleType, h: Array, ax: Array, params: dict) -> Array:
+    A = ax + xp.matmul(h, params["weight_hh"].T)
     b = params.get("bias_hh")
     return A if b is None else A + b
 
@@ -115,23 +115,23 @@ class ProjectedLSTMCell(Cell):
     def step(self, xp, ax, state, params):
         h, c = state
         H = c.shape[1]
-        ai, af, g, ao = _gates(xp, _recurrent(h, ax, params), H)
+        ai, af, g, ao = _gates(xp, _recurrent(xp, h, ax, params), H)
         i, f, o = sigmoid(xp, ai), sigmoid(xp, af), sigmoid(xp, ao)
         c_next = f * c + i * g
         tc = xp.tanh(c_next)
         m = o * tc
-        return (m @ params["weight_hr"].T, c_next), (i, f, g, o, tc, c, h, m)
+        return (xp.matmul(m, params["weight_hr"].T), c_next), (i, f, g, o, tc, c, h, m)
 
     def step_backward(self, xp, dstate, saved, params):
         dh, dc = dstate
         i, f, g, o, tc, c, h, m = saved
-        dm = dh @ params["weight_hr"]
+        dm = xp.matmul(dh, params["weight_hr"])
         dc = dc + dm * o * (1 - tc * tc)
         dA = _gates_backward(xp, dc, dm * tc, i, f, g, o, c)
         grads = {"weight_hh": Outer(dA, h), "weight_hr": Outer(dh, m)}
         if "bias_hh" in params:
             grads["bias_hh"] = xp.sum(dA, axis=0)
-        return (dA @ params["weight_hh"], dc * f), dA, grads
+        return (xp.matmul(dA, params["weight_hh"]), dc * f), dA, grads
 
 
 class PeepholeLSTMCell(Cell):
@@ -159,7 +159,7 @@ class PeepholeLSTMCell(Cell):
     def step(self, xp, ax, state, params):
         h, c = state
         H = c.shape[1]
-        ai, af, g, ao = _gates(xp, _recurrent(h, ax, params), H)
+        ai, af, g, ao = _gates(xp, _recurrent(xp, h, ax, params), H)
         i = sigmoid(xp, ai + params["weight_ci"] * c)
         f = sigmoid(xp, af + params["weight_cf"] * c)
         c_next = f * c + i * g
@@ -184,7 +184,7 @@ class PeepholeLSTMCell(Cell):
         }
         if "bias_hh" in params:
             grads["bias_hh"] = xp.sum(dA, axis=0)
-        return (dA @ params["weight_hh"], dc_prev), dA, grads
+        return (xp.matmul(dA, params["weight_hh"]), dc_prev), dA, grads
 
 
 def _norm(xp: ModuleType, a: Array) -> tuple[Array, Array]:
@@ -254,7 +254,7 @@ class LayerNormLSTMCell(Cell):
     def step(self, xp, ax, state, params):
         h, c = state
         H = c.shape[1]
-        r_hat, r_rstd = _norm(xp, h @ params["weight_hh"].T)
+        r_hat, r_rstd = _norm(xp, xp.matmul(h, params["weight_hh"].T))
         A = ax + _affine(r_hat, params, "ln_hh_weight", "ln_hh_bias")
         ai, af, g, ao = _gates(xp, A, H)
         i, f, o = sigmoid(xp, ai), sigmoid(xp, af), sigmoid(xp, ao)
@@ -279,4 +279,4 @@ class LayerNormLSTMCell(Cell):
             grads["ln_hh_bias"] = xp.sum(dA, axis=0)
         if "ln_c_bias" in params:
             grads["ln_c_bias"] = xp.sum(dcn, axis=0)
-        return (dr @ params["weight_hh"], dc * f), dA, grads
+        return (xp.matmul(dr, params["weight_hh"]), dc * f), dA, grads

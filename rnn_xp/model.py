@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device, is_numpy_array, to_device
 
-from . import _checks, _chunks, _inputs, _scan, _streaming, cells
+from . import _checks, _chunks, _inputs, _mixed, _scan, _streaming, cells
+from . import precision as _precision
 from ._backends import (
     asarray,
     check_dtype,
@@ -128,6 +129,11 @@ class Recurrent:
         For mode 'lstm', torch's projections: each layer's output and h are
         ``(o * tanh(c)) @ weight_hr.T``, P = ``proj_size`` wide (0 < P < H),
         with ``weight_hr_l{k}`` (P, H); c stays H wide.
+    precision : {'bf16-mixed', '16-mixed'}, `rnn_xp.precision.Policy` or None
+        A mixed-precision policy for every forward and backward (a call may
+        give its own): the matrix products read bfloat16 or float16 operands,
+        everything else is float32, and ``out`` comes back in the policy's
+        output dtype. Needs float32 parameters. See `rnn_xp.precision`.
 
     Notes
     -----
@@ -158,6 +164,7 @@ class Recurrent:
         like: Array | None = None,
         dtype: Any = "float32",
         proj_size: int = 0,
+        precision: Any = None,
     ) -> None:
         self._configure(
             mode,
@@ -171,6 +178,7 @@ class Recurrent:
             like=like,
             dtype=dtype,
             proj_size=proj_size,
+            precision=precision,
         )
         rng = _inputs.generator("seed", seed)
         k = 1 / np.sqrt(self.hidden_size)
@@ -212,6 +220,7 @@ class Recurrent:
         like: Array | None = None,
         dtype: Any = "float32",
         proj_size: int = 0,
+        precision: Any = None,
     ) -> None:
         if isinstance(mode, cells.Cell):
             cell = mode
@@ -278,6 +287,45 @@ class Recurrent:
         else:
             self._xp, self._device = _library("like", like)
         self._dtype = _floating(self._xp, dtype, self._device)
+        self._precision = None
+        self.precision = precision
+
+    @property
+    def precision(self) -> Any:
+        """The model's mixed-precision policy (`rnn_xp.precision.Policy`), or None.
+
+        Settable to a policy name, a `Policy` or None (``'32-true'`` is None);
+        checked as ``Recurrent(..., precision=)`` checks it.
+        """
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: Any) -> None:
+        policy = _precision.policy(value)
+        if policy is not None:
+            self._check_policy(policy)
+        self._precision = policy
+
+    def _policy(self, precision: Any) -> Any:
+        """The policy of a call: ``precision`` if given, else the model's; None for none.
+
+        Checked before any work: the parameters must be float32 (the master
+        copy) and the library able to run the policy (`rnn_xp._mixed`).
+        """
+        policy = self.precision if precision is None else _precision.policy(precision)
+        if policy is not None:
+            self._check_policy(policy)
+        return policy
+
+    def _check_policy(self, policy: Any) -> None:
+        """`_precision.Policy` ``policy`` can run on this model, or one clear error."""
+        if _dtype_name(self._dtype) != "float32":
+            raise ValueError(
+                f"precision: the policy {policy.name!r} keeps the parameters in float32, and "
+                f"this model's are {_dtype_name(self._dtype)}; convert it first "
+                "(model.astype('float32'))"
+            )
+        _mixed.namespace(self._xp, policy)
 
     def __repr__(self) -> str:
         first = repr(self.mode) if self._own is None or self.mode in MODES else repr(self._own)
@@ -291,6 +339,10 @@ class Recurrent:
             "proj_size": 0,
         }
         args += [f"{k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v]
+        policy = self.precision
+        if policy is not None:
+            default = policy.output == _precision.POLICIES[policy.name]
+            args.append(f"precision={policy.name!r}" if default else f"precision={policy!r}")
         library = self._xp.__name__.removeprefix("array_api_compat.")
         args += [f"dtype={_dtype_name(self._dtype)}", f"library={library}"]
         args.append(f"device={self._device}")
@@ -330,6 +382,8 @@ class Recurrent:
 
         Notes
         -----
+        The copy keeps the model's precision policy, so it must be float32 and
+        of a library that can run the policy (else ValueError or TypeError).
         Within one library the copy is that library's own ``astype`` and
         ``to_device``, which autograd follows (a torch leaf that requires grad
         gives a copy that does too); between libraries the values go through
@@ -347,6 +401,14 @@ class Recurrent:
                     f"like: the model is {name}, which {xp.__name__} cannot hold here "
                     f"({str(exc).removeprefix('dtype: ')}); pass dtype= too"
                 ) from None
+        if self.precision is not None:  # the copy keeps the policy: it must be able to run it
+            if _dtype_name(target) != "float32":
+                raise ValueError(
+                    f"dtype: the model runs the precision policy {self.precision.name!r}, which "
+                    f"keeps the parameters in float32, not {_dtype_name(target)}; set "
+                    "model.precision = None first for a copy without it"
+                )
+            _mixed.namespace(xp, self.precision)
         return self._copy(xp, dev, target)
 
     def _copy(self, xp: ModuleType, dev: Any, dtype: Any) -> Recurrent:
@@ -478,10 +540,14 @@ class Recurrent:
             names = [k for k in self._layer_specs(layer)]
             arrays = cast(xp, dtype, *(self._params[k + suffix] for k in names))
             Wx, bx, own = cells.split(self._own, dict(zip(names, arrays)))
+            if isinstance(xp, _mixed.Namespace):  # it only enters the input projection
+                Wx = xp.operand(Wx)
             return Wx, own, bx, None
         w_ih, w_hh, b_ih, b_hh = cast(
             xp, dtype, *(self._params.get(n) for n in self._names(layer, direction))
         )
+        if isinstance(xp, _mixed.Namespace):  # the weights only ever enter products
+            w_ih, w_hh = xp.operand(w_ih), xp.operand(w_hh)
         if b_ih is None or isinstance(self.cell, GRUCell):
             return w_ih.T, w_hh.T, b_ih, b_hh
         # Elman and LSTM add both biases to the same pre-activation: fold them.
@@ -503,6 +569,7 @@ class Recurrent:
         dropout_seed: int | None = None,
         dropout_masks: list[Array] | None = None,
         inference: bool = False,
+        precision: Any = None,
     ) -> tuple[Array | list[Array], Array | tuple[Array, Array]]:
         """Run the model; return ``(out, h_n)``, or ``(out, (h_n, c_n))`` for LSTM.
 
@@ -544,6 +611,13 @@ class Recurrent:
         inference : bool, default False
             Keep nothing for `backward` (which then raises); peak memory beyond
             the output is one layer's input projection plus O(N*H) on NumPy/CuPy.
+        precision : {'bf16-mixed', '16-mixed', '32-true'}, `rnn_xp.precision.Policy`, optional
+            The mixed-precision policy of this call (and of the `backward`
+            after it); the model's own (``Recurrent(..., precision=)``) when
+            None, and no policy with '32-true'. Under a policy the products read
+            the policy's format, the computation is float32 whatever the
+            input's dtype, ``out`` comes back in the policy's output dtype and
+            ``h_n`` (and ``c_n``) in float32.
 
         Returns
         -------
@@ -561,18 +635,23 @@ class Recurrent:
         move the model there (``model.to(like=xs)``); its forward then runs op
         by op, unless ``inference=True``.
         """
+        policy = self._policy(precision)
         if isinstance(xs, (list, tuple)):
             return self._forward_list(
-                xs, h0, lengths, mask, dropout_seed, dropout_masks, inference
+                xs, h0, lengths, mask, dropout_seed, dropout_masks, inference, policy
             )
         known = None
         if isinstance(lengths, (list, tuple)):
             known = _inputs.python_lengths(lengths)
             xp, _, dev = _checks.common_chunked(xs=xs)
             lengths = asarray(xp, np.asarray(known, dtype=np.int64), None, dev)
-        return self._forward(xs, h0, lengths, mask, known, dropout_seed, dropout_masks, inference)
+        return self._forward(
+            xs, h0, lengths, mask, known, dropout_seed, dropout_masks, inference, policy
+        )
 
-    def _forward_list(self, seqs, h0, lengths, mask, dropout_seed, dropout_masks, inference):
+    def _forward_list(
+        self, seqs, h0, lengths, mask, dropout_seed, dropout_masks, inference, policy
+    ):
         """`forward` of a list of sequences (T_i, D): padded, run with their lengths, split."""
         for name, given in (("lengths", lengths), ("mask", mask)):
             if given is not None:
@@ -583,20 +662,27 @@ class Recurrent:
         xp, dev, known, xs = _inputs.padded("xs", seqs, "D", self.input_size, self.batch_first)
         lengths = asarray(xp, np.asarray(known, dtype=np.int64), None, dev)
         out, h_n = self._forward(
-            xs, h0, lengths, None, known, dropout_seed, dropout_masks, inference
+            xs, h0, lengths, None, known, dropout_seed, dropout_masks, inference, policy
         )
         if self._cache is not None:
             self._cache["list"] = known
         return _inputs.split(xp, out, known, self.batch_first), h_n
 
-    def _forward(self, xs, h0, lengths, mask, known, dropout_seed, dropout_masks, inference):
-        """`forward` of one array; ``known``: the lengths as Python ints, if they were."""
+    def _forward(
+        self, xs, h0, lengths, mask, known, dropout_seed, dropout_masks, inference, policy
+    ):
+        """`forward` of one array; ``known``: the lengths as Python ints, if they were.
+
+        ``policy``: the call's `rnn_xp.precision.Policy` (checked), or None.
+        """
         lstm = self.cell.n_states == 2
         h0, c0 = self._split_state("h0", h0, lstm)
         dropout = self.training and self.dropout > 0 and self.num_layers > 1
         if inference and not dropout:
             try:  # Dask: each batch chunk runs this same method where it lives
-                return self._forward_on_chunks(xs, h0, c0, lengths, mask, known, lstm, False)
+                return self._forward_on_chunks(
+                    xs, h0, c0, lengths, mask, known, lstm, False, policy
+                )
             except NotImplementedError:
                 pass
         first = self._names(0, 0)[0]
@@ -609,7 +695,7 @@ class Recurrent:
             if _checks.common_chunked(xs=xs)[0] is not self._xp:
                 try:
                     result = self._forward_on_chunks(
-                        xs, h0, c0, lengths, mask, known, lstm, dropout
+                        xs, h0, c0, lengths, mask, known, lstm, dropout, policy
                     )
                 except NotImplementedError:
                     pass
@@ -624,6 +710,10 @@ class Recurrent:
                 ) from None
             raise
         N, T, steps = self._check_inputs(xp, dev, xs, h0, c0, lengths, mask, known)
+        # Under a policy the loop computes in float32 with the policy's products.
+        run = xp if policy is None else _mixed.namespace(xp, policy)
+        if policy is not None:
+            dtype = xp.float32
         keep = self._dropout_masks(xp, dtype, dev, N, T, dropout_seed, dropout_masks)
 
         x, h0, c0 = cast(xp, dtype, self._batch_major(xp, xs), h0, c0)
@@ -637,9 +727,9 @@ class Recurrent:
                     zeros(xp, (N, w), dtype, dev) if s is None else s[i, ...]
                     for s, w in zip(given, self._widths)
                 )
-                Wx, Wh, bx, bh = self._weights(xp, dtype, layer, direction)
+                Wx, Wh, bx, bh = self._weights(run, dtype, layer, direction)
                 out, state_n, tapes[i] = _scan.forward(
-                    xp,
+                    run,
                     self.cell,
                     x,
                     Wx,
@@ -662,10 +752,20 @@ class Recurrent:
         self._cache = (
             None
             if inference
-            else {"tapes": tapes, "keep": keep, "xs": xs, "N": N, "T": T, "dtype": dtype}
+            else {
+                "tapes": tapes,
+                "keep": keep,
+                "xs": xs,
+                "N": N,
+                "T": T,
+                "dtype": dtype,
+                "run": run,
+            }
         )
         self._chunked = False
         out = self._batch_major(xp, x)
+        if policy is not None:
+            out = cast(xp, getattr(xp, policy.output), out)[0]
         h_n = xp.stack(h_n, axis=0)
         return (out, (h_n, xp.stack(c_n, axis=0))) if lstm else (out, h_n)
 
@@ -693,7 +793,7 @@ class Recurrent:
                 )
         return N, T, _inputs.step_mask(xp, dev, N, T, lengths, mask, known)
 
-    def _forward_on_chunks(self, xs, h0, c0, lengths, mask, known, lstm, dropout):
+    def _forward_on_chunks(self, xs, h0, c0, lengths, mask, known, lstm, dropout, policy):
         """`forward` of a Dask ``xs``, one task per batch chunk; NotImplementedError otherwise.
 
         Keeps nothing for backward. ``dropout``: training mode would apply it,
@@ -703,6 +803,7 @@ class Recurrent:
         F, S = self.num_directions * self._widths[0], self.num_layers * self.num_directions
         light = copy.copy(self)  # what each task receives: parameters, no cache
         light._cache, light.grads, light.dh0, light.dc0 = None, None, None, None
+        light.precision = policy  # the call's, checked
 
         def outputs():
             # Every check of the forward, on the whole Dask arrays, before the
@@ -717,8 +818,13 @@ class Recurrent:
                 )
             xp, _, dev = _checks.common_chunked(xs=xs, h0=h0, c0=c0)
             _, T, _ = self._check_inputs(xp, dev, xs, h0, c0, lengths, mask, known)
+            if policy is not None:  # each chunk runs it on the chunks' library
+                _mixed.namespace(array_namespace(xs._meta), policy)
             dtype = result_dtype(xs, self._params[self._names(0, 0)[0]], h0, c0)
-            out = [(axis, (None, T, F) if self.batch_first else (T, None, F), dtype)]
+            if policy is not None:  # the policy's output; the state float32
+                dtype = np.dtype("float32")
+            out_dtype = dtype if policy is None else np.dtype(policy.output)
+            out = [(axis, (None, T, F) if self.batch_first else (T, None, F), out_dtype)]
             return out + [(1, (S, None, w), dtype) for w in self._widths]
 
         out, *states = _chunks.on_dask_chunks(
@@ -879,7 +985,7 @@ class Recurrent:
                 )
                 d_dir = d[:, :, direction * H : (direction + 1) * H]
                 dxs, dstate0, dWx, dWh, dbx, dbh = _scan.backward(
-                    xp, self.cell, c["tapes"][i], d_dir, dstate_n
+                    c["run"], self.cell, c["tapes"][i], d_dir, dstate_n
                 )
                 dx = dxs if dx is None else dx + dxs
                 dh0[i] = dstate0[0]

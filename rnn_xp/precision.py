@@ -1,4 +1,31 @@
-"""Float32 matrix products on NVIDIA GPUs: IEEE float32, or TF32 by choice.
+"""Precision: mixed-precision policies, and float32 matrix products on GPUs (IEEE or TF32).
+
+Mixed precision
+---------------
+A policy makes the matrix products of a model read half-precision operands
+while everything else stays float32 (Lightning's and Keras' idea)::
+
+    model = rnn_xp.Recurrent("lstm", D, H, like=x, precision="bf16-mixed")
+    out, (h_n, c_n) = model(x)          # out bfloat16; h_n, c_n float32
+    out, h_n = model(x, precision="16-mixed")   # or for one call
+
+===============  ==========  ==========  ==========================================
+policy           operands    output      libraries
+===============  ==========  ==========  ==========================================
+``bf16-mixed``   bfloat16    bfloat16    torch (CPU, CUDA), JAX
+``16-mixed``     float16     float16     torch, JAX, CuPy, NumPy (float16 storage)
+===============  ==========  ==========  ==========================================
+
+Under either, the parameters are float32 (the master copy: gradients, the
+optimizer and saved files see float32), and so are the recurrent state (h, and
+always c), the gates' elementwise work and every reduction of the gradients.
+Products accumulate in float32 where the library can (see `rnn_xp._mixed` for
+each library's product); a library that cannot run a policy raises. float16's
+range is narrow: train under ``16-mixed`` with `rnn_xp.optim.LossScaler`.
+``Policy(name, output="float32")`` returns float32 outputs instead.
+
+Float32 matrix products on NVIDIA GPUs: IEEE float32, or TF32 by choice
+-----------------------------------------------------------------------
 
 Since Ampere, NVIDIA GPUs can run float32 matrix products on tensor cores in
 TF32, which keeps float32's range but rounds the operands to 10 mantissa bits
@@ -29,11 +56,87 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from ._imports import import_library
 
-__all__ = ["LIBRARIES", "MODES", "float32_matmul", "get_float32_matmul", "set_float32_matmul"]
+__all__ = [
+    "LIBRARIES",
+    "MODES",
+    "POLICIES",
+    "Policy",
+    "float32_matmul",
+    "get_float32_matmul",
+    "policy",
+    "set_float32_matmul",
+]
+
+POLICIES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
+"""Each mixed policy by name, and the format its products read."""
+_ALIASES = {"mixed_bfloat16": "bf16-mixed", "mixed_float16": "16-mixed"}  # Keras' names
+_NONE = ("32-true", "32", None)  # no policy: compute in the model's dtype, as without one
+_OUTPUTS = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A mixed-precision policy: products read ``operand`` numbers, the rest is float32.
+
+    Parameters
+    ----------
+    name : {'bf16-mixed', '16-mixed'}
+        Lightning's names; Keras' ``'mixed_bfloat16'`` and ``'mixed_float16'``
+        are accepted too.
+    output : {'bfloat16', 'float16', 'float32'}, optional
+        The dtype of the forward's ``out``; the policy's format by default.
+        The final states are float32 whatever it is.
+    """
+
+    name: str
+    output: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise ValueError(
+                f"precision: expected a policy name such as 'bf16-mixed', got "
+                f"{type(self.name).__name__}"
+            )
+        name = _ALIASES.get(str(self.name), str(self.name))
+        if name not in POLICIES:
+            raise ValueError(
+                f"precision: expected one of {', '.join(map(repr, POLICIES))} (or '32-true' "
+                f"or None for none), got {self.name!r}"
+            )
+        object.__setattr__(self, "name", name)
+        output = self.output or POLICIES[name]
+        if not isinstance(output, str) or output not in _OUTPUTS:
+            raise ValueError(
+                f"output: expected one of {', '.join(map(repr, _OUTPUTS))}, got {self.output!r}"
+            )
+        object.__setattr__(self, "output", str(output))
+
+    @property
+    def operand(self) -> str:
+        """The dtype the matrix products read: 'bfloat16' or 'float16'."""
+        return POLICIES[self.name]
+
+    compute = "float32"  # parameters, state, elementwise work, reductions
+
+
+def policy(spec: Policy | str | None) -> Policy | None:
+    """The `Policy` that ``spec`` names, or None for none (None, '32-true', '32')."""
+    if isinstance(spec, Policy):
+        return spec
+    if spec is None or (isinstance(spec, str) and spec in _NONE):
+        return None
+    if not isinstance(spec, str):
+        raise ValueError(
+            f"precision: expected a policy name such as 'bf16-mixed', a Policy or None, got "
+            f"{type(spec).__name__}"
+        )
+    return Policy(spec)
+
 
 MODES = ("ieee", "tf32")
 LIBRARIES = ("torch", "jax", "cupy")

@@ -11,6 +11,11 @@ The result is the held-out cross-entropy (last 10 % of the text) in nats per
 character and its perplexity, next to the unigram baseline: the cross-entropy
 of the training text's character frequencies (add-one smoothed) on the same
 held-out text.
+
+Under a precision policy (``precision="bf16-mixed"`` or ``"16-mixed"``, see
+`rnn_xp.precision`) the LSTM's products read half-precision operands, its
+state and the parameters stay float32, and the readout is float32. Under
+``"16-mixed"`` the gradient is loss-scaled (`rnn_xp.optim.LossScaler`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import numpy as np
 
 from ._backends import Loaded, arange, asarray
 from .model import Recurrent
-from .optim import Adam
+from .optim import Adam, LossScaler
+from .precision import Policy, policy
 
 __all__ = [
     "Checkpoint",
@@ -76,7 +82,18 @@ def _cross_entropy(xp, logits, targets_1h):
 
 KIND = "rnn-xp train checkpoint"
 VERSION = 1
-SETTINGS = ("hidden_size", "dtype", "seed", "lr", "seq_len", "batch", "betas", "eps", "max_norm")
+SETTINGS = (
+    "hidden_size",
+    "dtype",
+    "seed",
+    "lr",
+    "seq_len",
+    "batch",
+    "betas",
+    "eps",
+    "max_norm",
+    "precision",
+)
 """What a resumed run must share with the run that wrote its checkpoint."""
 BETAS, EPS, MAX_NORM = (0.9, 0.999), 1e-8, 5.0  # Adam's settings in this training run
 
@@ -100,7 +117,9 @@ class Checkpoint:
     offset, Adam's t), ``train.losses`` (every step's loss so far), the LSTM
     states carried into the next step (``train.state.h``, ``train.state.c``)
     and Adam's moments (``train.adam.m.NAME``, ``train.adam.v.NAME`` for every
-    parameter NAME, the readout's included).
+    parameter NAME, the readout's included). Under ``16-mixed``,
+    ``train.scaler`` holds the loss scaler's scale, its count of finite steps
+    in a row and of skipped steps.
     """
 
     settings: dict[str, Any]
@@ -112,6 +131,7 @@ class Checkpoint:
     v: dict[str, np.ndarray]
     state: tuple[np.ndarray, np.ndarray]
     losses: list[float]
+    scaler: tuple[float, int, int] | None = None  # (scale, finite in a row, skipped)
 
     def mismatches(self, settings: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """``{name: (in the checkpoint, asked for now)}`` for every setting that differs."""
@@ -133,8 +153,10 @@ def settings_of(
     lr: float = 0.01,
     dtype: str = "float32",
     seed: int = 0,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """The settings a checkpoint records (with the optimizer's fixed ones)."""
+    named = policy(precision)
     return {
         "hidden_size": int(hidden_size),
         "dtype": str(dtype),
@@ -145,6 +167,7 @@ def settings_of(
         "betas": list(BETAS),
         "eps": EPS,
         "max_norm": MAX_NORM,
+        "precision": None if named is None else named.name,
     }
 
 
@@ -175,6 +198,10 @@ def read_checkpoint(path: Any) -> Checkpoint:
         v = {k: extra[f"train.adam.v.{k}"] for k in params}
         state = (extra["train.state.h"], extra["train.state.c"])
         losses = [float(x) for x in extra["train.losses"]]
+        scaler = None
+        if "train.scaler" in extra:
+            scale, good, skipped = (float(v) for v in extra["train.scaler"])
+            scaler = (scale, int(good), int(skipped))
     except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"has an incomplete training state ({exc})") from None
     if len(losses) != step or step < 1 or offset < 0 or adam_t < 1:
@@ -195,7 +222,16 @@ def read_checkpoint(path: Any) -> Checkpoint:
     if wrong:
         raise CheckpointError(f"has a training state of the wrong shape ({', '.join(wrong)})")
     return Checkpoint(
-        {k: settings.get(k) for k in SETTINGS}, step, offset, adam_t, params, m, v, state, losses
+        {k: settings.get(k) for k in SETTINGS},
+        step,
+        offset,
+        adam_t,
+        params,
+        m,
+        v,
+        state,
+        losses,
+        scaler,
     )
 
 
@@ -213,6 +249,7 @@ def train_char_lm(
     checkpoint_every: int = 100,
     resume: Checkpoint | None = None,
     log_every: int = 10,
+    precision: str | None = None,
 ) -> tuple[TrainResult, Recurrent, dict]:
     """Train; return the result, the model and the readout ``{"W", "b"}``.
 
@@ -229,10 +266,18 @@ def train_char_lm(
     settings, continues that run up to ``steps`` in total, bit for bit as if it
     had not stopped; if it is already at ``steps`` or beyond, nothing is
     trained and the result reports the checkpoint's model.
+    ``precision``, a policy name (`rnn_xp.precision`), runs the LSTM under it:
+    ``dtype`` must then be float32, the parameters' dtype.
     """
     if isinstance(log_every, bool) or not isinstance(log_every, numbers.Integral) or log_every < 1:
         raise ValueError(f"log_every: expected a positive integer, got {log_every!r}")
-    settings = settings_of(hidden_size, seq_len, batch, lr, dtype, seed)
+    settings = settings_of(hidden_size, seq_len, batch, lr, dtype, seed, precision)
+    named = policy(precision)
+    if named is not None and str(dtype) != "float32":
+        raise ValueError(
+            f"precision: the policy {named.name!r} keeps the parameters in float32; "
+            f"expected dtype 'float32', got {dtype!r}"
+        )
     if resume is not None and resume.mismatches(settings):
         diff = ", ".join(
             f"{k} {a!r} (now {b!r})" for k, (a, b) in resume.mismatches(settings).items()
@@ -251,7 +296,19 @@ def train_char_lm(
 
     xp, dev = backend.xp, backend.device
     like = backend.asarray(np.zeros(1, dtype=dtype))
-    model = Recurrent("lstm", V, hidden_size, batch_first=True, seed=seed, like=like, dtype=dtype)
+    # The readout is float32: the LSTM's outputs come back float32 under a policy.
+    mixed = None if named is None else Policy(named.name, output="float32")
+    model = Recurrent(
+        "lstm",
+        V,
+        hidden_size,
+        batch_first=True,
+        seed=seed,
+        like=like,
+        dtype=dtype,
+        precision=mixed,
+    )
+    scaler = LossScaler() if named is not None and named.name == "16-mixed" else None
     rng = np.random.default_rng(seed + 1)
     k = 1 / math.sqrt(hidden_size)
     dt = model._dtype
@@ -283,6 +340,8 @@ def train_char_lm(
         optimizer.v = {k: asarray(xp, a, dt, dev) for k, a in resume.v.items()}
         state = tuple(asarray(xp, a, dt, dev) for a in resume.state)
         offset, first = resume.offset, resume.step + 1
+        if scaler is not None and resume.scaler is not None:
+            scaler.scale, scaler._good, scaler.skipped = resume.scaler
         result.losses = list(resume.losses)
     for step in range(first, steps + 1):
         if offset + seq_len > stream_len:  # a pass over the text is done: start again
@@ -298,9 +357,15 @@ def train_char_lm(
         loss, dlogits = _cross_entropy(xp, logits, y)
         N, T, H = out.shape
         out2, d2 = xp.reshape(out, (N * T, H)), xp.reshape(dlogits, (N * T, V))
+        if scaler is not None:  # every gradient scaled, the readout's too
+            dlogits = scaler.scale_gradient(dlogits)
+            d2 = xp.reshape(dlogits, (N * T, V))
         model.backward(dlogits @ params["readout.W"].T)
         grads = model.grads | {"readout.W": out2.T @ d2, "readout.b": xp.sum(d2, axis=0)}
-        params = optimizer.step(params, grads)
+        if scaler is None:
+            params = optimizer.step(params, grads)
+        else:
+            params = scaler.step(optimizer, params, grads)
         pending.append(loss)
         save = checkpoint is not None and (step % checkpoint_every == 0 or step == steps)
         if step % log_every == 0 or step == steps or save:
@@ -323,6 +388,10 @@ def train_char_lm(
             for name in params:
                 train_state[f"train.adam.m.{name}"] = optimizer.m[name]
                 train_state[f"train.adam.v.{name}"] = optimizer.v[name]
+            if scaler is not None:
+                train_state["train.scaler"] = np.array(
+                    [scaler.scale, scaler._good, scaler.skipped], dtype=np.float64
+                )
             _save(model, params, vocab, checkpoint, train_state)
 
     model.load_state_dict({k: v for k, v in params.items() if not k.startswith("readout.")})

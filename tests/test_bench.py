@@ -36,6 +36,33 @@ def test_bench_contenders_compute_the_same_forward(kind):
     np.testing.assert_allclose(bench._forward_backward(kind, t, False).numpy(), ref, rtol=1e-12)
 
 
+@pytest.mark.parametrize("policy", ["bf16-mixed", "16-mixed"])
+def test_bench_adds_the_rows_of_a_mixed_precision_policy(capsys, policy):
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    assert cli.main(["bench", "--smoke", "--kind", "lstm", "--precision", policy]) == 0
+    out = capsys.readouterr().out
+    fmt = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}[policy]
+    for row in (f"rnn_xp torch {policy}", f"rnn_xp jax {policy}"):
+        assert f"  {row:<30}fwd " in out
+        assert f"  {row:<30}fwd+bwd " in out
+    if policy == "bf16-mixed":
+        assert f"  {'torch.nn autocast ' + fmt:<30}fwd+bwd " in out
+    else:  # oneDNN's CPU LSTM has no float16 autocast: a note says so
+        assert "note: torch_nn_autocast: skipped (torch.nn under float16 autocast on cpu" in out
+
+
+def test_the_mixed_rows_time_real_mixed_forwards():
+    """What the timed calls run: the model under the policy (bfloat16 out), not float32."""
+    torch = pytest.importorskip("torch")
+    a = bench.problem("lstm", 3, 4, 5, 6, "float32")
+    model = bench._model("lstm", a, torch.zeros(1))
+    out, _ = model.forward(torch.asarray(a["xs"]), precision="bf16-mixed")
+    assert out.dtype == torch.bfloat16
+    fns = bench.rnn_xp_torch_mixed("lstm", a, "bf16-mixed")
+    assert set(fns) == {("rnn_xp torch bf16-mixed", False), ("rnn_xp torch bf16-mixed", True)}
+
+
 def test_flop_count():
     # Elman forward: (N*T) x D x H input GEMM plus T recurrent (N x H x H) GEMMs, 2 FLOPs each.
     assert bench.flops("rnn_tanh", 2, 3, 4, 5, backward=False) == 2 * 2 * 3 * 5 * (4 + 5)
