@@ -163,3 +163,15 @@ def to_dtype(arrays: dict, dtype: str) -> dict:
     return {
         k: None if v is None else v.astype(dtype).astype(np.float64) for k, v in arrays.items()
     }
+
+
+def call(argv, capsys) -> tuple[int, str, str]:
+    """``rnn-xp ARGV`` in this process: ``(exit status, stdout, stderr)``, argparse's exits too."""
+    from rnn_xp import cli
+
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -17,6 +17,7 @@ import pytest
 import rnn_xp
 from rnn_xp import batch, cli
 from rnn_xp._backends import for_run
+from tests.support import call
 
 # Big enough for several threads (10 chunks) and for a multi-threaded BLAS in the
 # one-chunk run (the second layer's input projection is 1024 x 64 x 128 at H=32),
@@ -39,15 +40,6 @@ def work(tmp_path, monkeypatch):
     for mode in MODES:
         _files(tmp_path, mode)
     return tmp_path
-
-
-def call(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def run_args(*extra, weights="lstm.npz", out="y.npy"):

@@ -26,6 +26,7 @@ import pytest
 
 import rnn_xp
 from rnn_xp import _backends, batch, cli
+from tests.support import call
 from tests.test_cli import rnn_xp_cmd
 
 # -- the files every case starts from -------------------------------------------------
@@ -127,15 +128,6 @@ def snapshot(d) -> dict[str, tuple]:
             else:
                 state[rel] = ("other", st.st_mode)
     return state
-
-
-def call(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 # -- the table --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 import rnn_xp
 from rnn_xp import _mixed
 from rnn_xp.precision import POLICIES, Policy, policy
+from tests.support import call
 
 N, T, D, H, LAYERS = 3, 5, 4, 6, 2
 UNIT = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}
@@ -459,14 +460,7 @@ def test_bf16_mixed_training_reaches_float32s_held_out_loss_within_2_percent(lib
 
 
 def _train(tmp_path, capsys, *argv):
-    from rnn_xp import cli
-
-    try:
-        rc = cli.main(["train", "--hidden-size", "8", "--no-progress", *map(str, argv)])
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return call(["train", "--hidden-size", "8", "--no-progress", *argv], capsys)
 
 
 def test_a_16_mixed_run_resumes_bit_for_bit_with_its_loss_scaler(tmp_path, monkeypatch, capsys):
