@@ -23,6 +23,7 @@ _EXTRAS = {
     "jax": "'rnn-xp[jax]'",
     "dask.array": "'rnn-xp[dask]'",
     "cupy": "'rnn-xp[cuda12]' (or 'rnn-xp[cuda13]' for CUDA 13)",
+    "onnx": "'rnn-xp[onnx]'",
 }
 
 

@@ -142,6 +142,33 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "export",
+        help="Export a model file to ONNX.",
+        description="Write a saved model as an ONNX graph of ONNX's own RNN, LSTM and GRU "
+        "operators, with symbolic batch and time dimensions, checked by onnx.checker (extra "
+        "onnx). A cell of your own, the LayerNorm LSTM and proj_size are refused.",
+    )
+    p.add_argument("weights", metavar="W", help="The model file to read (.npz or .safetensors).")
+    p.add_argument("target", metavar="OUT", help="The ONNX file to write (.onnx).")
+    p.add_argument(
+        "--opset",
+        type=_argtypes.positive,
+        default=None,
+        metavar="N",
+        help="The ONNX opset, from 14 to the installed onnx's newest. Default: 17.",
+    )
+    p.add_argument(
+        "--lengths",
+        action="store_true",
+        help="Add the input lengths (int64, (N,)), ONNX's sequence_lens. Default: off.",
+    )
+    p.add_argument(
+        "--initial-state",
+        action="store_true",
+        help="Add the inputs h0 (and c0 for LSTM). Default: off, zero initial states.",
+    )
+
+    p = sub.add_parser(
         "run",
         help="Run a model over a .npy of sequences, in chunks.",
         description="Run a saved model over a .npy file of sequences, chunk by chunk, and "
@@ -336,7 +363,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command is None:  # pragma: no cover (argv is never empty here)
             return 0
-        command = {"init": init, "convert": convert, "run": run, "train": train}[args.command]
+        command = {
+            "init": init,
+            "convert": convert,
+            "export": export,
+            "run": run,
+            "train": train,
+        }[args.command]
         with _terminated_as_exit():
             return command(args)
     except (CLIError, BatchError, BackendUnavailable, WeightsError) as exc:
@@ -486,6 +519,23 @@ def convert(args: argparse.Namespace) -> int:
     except MemoryError:
         raise CLIError(f"SOURCE: {source!r} is too large to convert here") from None
     return _save(model, target, "TARGET")
+
+
+def export(args: argparse.Namespace) -> int:
+    from .batch import load_weights
+
+    target = check_output_path(args.target, "OUT", (".onnx",), [args.target + ".partial"])
+    check_not_an_input({"OUT": [target, args.target + ".partial"]}, {"W": args.weights})
+    if importlib.util.find_spec("onnx") is None:
+        raise CLIError("OUT: writing ONNX needs the onnx package; pip install 'rnn-xp[onnx]'")
+    model = load_weights(args.weights, "W")
+    try:
+        model.to_onnx(target, args.opset, lengths=args.lengths, initial_state=args.initial_state)
+    except ValueError as exc:  # what ONNX cannot express, or an opset out of range
+        argument, _, detail = str(exc).partition(": ")
+        raise CLIError(f"{'--opset' if argument == 'opset' else 'W'}: {detail}") from None
+    print(f"wrote {target}: {model!r} as ONNX")
+    return 0
 
 
 # -- run -----------------------------------------------------------------------------

@@ -521,6 +521,28 @@ class Recurrent:
 
         save(self, path, dict(extra or {}))
 
+    def to_onnx(
+        self,
+        path: Any,
+        opset: int | None = None,
+        *,
+        lengths: bool = False,
+        initial_state: bool = False,
+    ) -> None:
+        """Write the model as an ONNX graph of ONNX's RNN, LSTM and GRU operators.
+
+        Inputs ``xs`` (symbolic N and T), with ``lengths=True`` ``lengths``
+        (int64, (N,)), with ``initial_state=True`` ``h0`` (and ``c0``);
+        outputs ``out``, ``h_n`` (and ``c_n``), in the shapes and layout of
+        `forward`, float32. ``opset`` defaults to
+        `rnn_xp.onnx_graph.DEFAULT_OPSET`. A cell of your own, the LayerNorm
+        LSTM and ``proj_size`` raise ValueError: ONNX has no operator for them.
+        See `rnn_xp.onnx_graph` (extra ``onnx``).
+        """
+        from .onnx_graph import export
+
+        export(self, path, opset, lengths, initial_state)
+
     def train(self, mode: bool = True) -> Recurrent:
         """Set training mode (dropout on); return self."""
         self.training = bool(mode)
