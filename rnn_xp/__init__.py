@@ -49,6 +49,7 @@ from .lstm import (
     lstm_forward,
 )
 from .model import MODES, Recurrent
+from .onnx_import import from_onnx
 
 __version__ = "0.2.0"
 
@@ -64,6 +65,7 @@ __all__ = [
     "__version__",
     "batch",
     "cells",
+    "from_onnx",
     "from_torch",
     "gru_backward",
     "gru_cell_backward",

@@ -38,7 +38,8 @@ evaluation: dropout between layers does not apply.
 
 What ONNX's operators cannot express is refused with a `ValueError` that
 names the reason, before any file is touched: a cell of your own, the
-LayerNorm LSTM, and LSTM projections (``proj_size``).
+LayerNorm LSTM, and LSTM projections (``proj_size``). Reading files back is
+`rnn_xp.onnx_import`.
 """
 
 from __future__ import annotations

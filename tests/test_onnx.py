@@ -223,3 +223,137 @@ def test_rnn_xp_export_refuses_bad_input_in_one_line(tmp_path, monkeypatch, caps
     assert err.startswith(message), err
     assert len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# -- import -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [*MODES, "lstm_peephole"])
+def test_a_round_trip_is_bit_for_bit_on_the_parameters(tmp_path, mode):
+    for num_layers, bidirectional, batch_first, bias in itertools.product(
+        [1, 2], [False, True], [False, True], [False, True]
+    ):
+        model = rnn_xp.Recurrent(
+            mode,
+            D,
+            H,
+            num_layers=num_layers,
+            bidirectional=bidirectional,
+            batch_first=batch_first,
+            bias=bias,
+            seed=9,
+        )
+        path = tmp_path / "m.onnx"
+        model.to_onnx(path, lengths=bias, initial_state=batch_first)
+        back = rnn_xp.from_onnx(path)
+        config = ("mode", "num_layers", "bidirectional", "batch_first", "bias", "hidden_size")
+        assert [getattr(back, k) for k in config] == [getattr(model, k) for k in config]
+        want, got = model.state_dict(), back.state_dict()
+        assert list(got) == list(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_from_onnx_puts_the_model_on_like_s_library(tmp_path):
+    torch = pytest.importorskip("torch")
+    rnn_xp.Recurrent("gru", D, H, seed=0).to_onnx(tmp_path / "g.onnx")
+    model = rnn_xp.from_onnx(tmp_path / "g.onnx", like=torch.zeros(1))
+    assert isinstance(model.state_dict()["weight_ih_l0"], torch.Tensor)
+
+
+@pytest.mark.parametrize(
+    ("module", "kwargs"),
+    [
+        ("LSTM", {}),
+        ("GRU", {}),
+        ("RNN", {"nonlinearity": "relu"}),
+        ("RNN", {}),
+        ("LSTM", {"batch_first": True, "bias": False}),
+    ],
+)
+def test_from_onnx_reads_torch_onnx_export_of_torch_nn_modules(tmp_path, module, kwargs):
+    """torch's own exporter (the TorchScript one: the dynamo one needs onnxscript)."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    net = getattr(torch.nn, module)(D, H, num_layers=2, bidirectional=True, **kwargs)
+    x = torch.randn(4, 2, D)
+    names = ["out", "h_n", "c_n"][: 3 if module == "LSTM" else 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and batch notes
+        try:
+            torch.onnx.export(
+                net,
+                (x,),
+                str(tmp_path / "t.onnx"),
+                dynamo=False,
+                input_names=["xs"],
+                output_names=names,
+                dynamic_axes={"xs": {0: "A", 1: "B"}},
+            )
+        except Exception as exc:  # an exporter this torch does not have
+            pytest.skip(f"torch {torch.__version__} cannot export here: {exc}")
+    model = rnn_xp.from_onnx(tmp_path / "t.onnx")
+    assert model.batch_first == kwargs.get("batch_first", False)
+    want = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    got = model.state_dict()
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    # and it runs as torch does
+    xs = torch.randn(6, 3, D)
+    with torch.no_grad():
+        t_out, _ = net(xs)
+    out, _ = model.eval()(xs.numpy())
+    assert_close(out, t_out.numpy(), "float32", "out")
+
+
+def _edited(tmp_path, edit, model=None):
+    model = model or rnn_xp.Recurrent("gru", D, H, num_layers=2, seed=1)
+    model.to_onnx(tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    edit(proto)
+    onnx.save(proto, str(tmp_path / "e.onnx"))
+    return tmp_path / "e.onnx"
+
+
+def _attr(proto, op, name, value):
+    for node in proto.graph.node:
+        if node.op_type == op:
+            for a in node.attribute:
+                if a.name == name:
+                    a.i = value
+
+
+def _perm(proto):
+    for node in proto.graph.node:
+        if node.op_type == "Transpose" and node.input[0] == "l0_Y":
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("perm", [0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "missing.onnx", r"^path: no such file"),
+        (
+            lambda p: (p / "x.onnx").write_bytes(b"not onnx") and p / "x.onnx",
+            r"^path: .* is not a valid ONNX model",
+        ),
+        (
+            lambda p: _edited(p, lambda g: _attr(g, "GRU", "linear_before_reset", 0)),
+            r"^path: a GRU without linear_before_reset=1",
+        ),
+        (
+            lambda p: _edited(
+                p,
+                lambda g: g.graph.node.append(onnx.helper.make_node("Relu", ["out"], ["junk"])),
+            ),
+            r"^path: the graph has operators other than ONNX's recurrent ones .*: Relu",
+        ),
+        (lambda p: _edited(p, _perm), r"^path: .* (computes something else|does not run)"),
+    ],
+)
+def test_from_onnx_refuses_what_it_cannot_read_whole(tmp_path, make, message):
+    with pytest.raises(ValueError, match=message):
+        rnn_xp.from_onnx(make(tmp_path))
