@@ -1057,7 +1057,10 @@ class _Threads:
         self._job, self._transfer, self._stop_timeout = job, transfer, stop_timeout
         self._chunks = job.chunks()
         self._next = 0  # the next chunk to take
-        self._lock = threading.Lock()  # the input files, `_next` and `_alive`
+        self._lock = threading.Lock()  # the input files and `_next`
+        # `_alive` has a lock of its own: a thread hung in a read holds `_lock`, and
+        # starting the next thread (or ending one) must not wait for it.
+        self._alive_lock = threading.Lock()
         self._stopping = threading.Event()
         self._done: queue.SimpleQueue[int | _Failed] = queue.SimpleQueue()
         self._threads = [
@@ -1081,7 +1084,7 @@ class _Threads:
         failing = True
         try:
             for thread in self._threads:
-                with self._lock:
+                with self._alive_lock:
                     self._alive += 1
                 try:
                     thread.start()
@@ -1134,7 +1137,7 @@ class _Threads:
             self._ended()
 
     def _ended(self) -> None:
-        with self._lock:
+        with self._alive_lock:
             self._alive -= 1
             last = self._alive == 0
         if last:

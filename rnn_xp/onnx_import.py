@@ -152,7 +152,16 @@ def from_onnx(path: Any, like: Any = None) -> Any:
     batch_first = any(
         n.op_type == "Transpose" and list(n.input) == [xs] for n in graph.node if xs is not None
     )
-    dtype = str(inits[layers[0].input[1]].dtype)
+    dtypes = {a.dtype for a in state.values()}
+    if (
+        len(dtypes) != 1
+        or dtypes & {np.dtype(t) for t in ("float16", "float32", "float64")} != dtypes
+    ):
+        raise OnnxError(
+            f"path: the weights are not of one floating dtype "
+            f"({', '.join(sorted(map(str, dtypes)))})"
+        )
+    dtype = str(dtypes.pop())
     model = Recurrent._configured(
         mode,
         int(D),
@@ -202,10 +211,18 @@ def _agrees(model: Any, proto: Any, text: str) -> None:
         import onnxruntime as ort
     except ImportError:
         return
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # its refusal is ours to report, once
     rng = np.random.default_rng(0)
     N, T, S = 2, 3, model.num_layers * model.num_directions
     feed, kwargs = {}, {}
+    try:
+        session = ort.InferenceSession(
+            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # ONNX Runtime's own refusal of the graph
+        detail = " ".join(str(exc).split())[:200]
+        raise OnnxError(f"path: {text!r} does not run in ONNX Runtime ({detail})") from None
     first = session.get_inputs()[0].name
     for i in session.get_inputs():
         if i.name == "lengths":

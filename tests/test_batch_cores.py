@@ -395,6 +395,55 @@ def test_an_interrupt_in_threads_does_not_wait_for_a_hung_read(work, capsys, mon
     assert _chunk_threads_gone()
 
 
+def test_a_slow_start_of_the_threads_does_not_wait_for_a_hung_read(work, capsys, monkeypatch):
+    """The main thread starts the last thread only once another hangs in a read (holding the
+    read lock): starting it must not wait for that lock (it once did, for 30 s)."""
+    hung, resume = threading.Event(), threading.Event()
+    real_staged, real_compute, real_start = (
+        batch._staged_inputs,
+        batch._compute,
+        threading.Thread.start,
+    )
+    started = []
+
+    def staged(job):
+        fill, *rest = real_staged(job)
+
+        def fill_or_hang(host, start, stop):
+            if start == B:
+                hung.set()
+                resume.wait(30)
+            fill(host, start, stop)
+
+        return (fill_or_hang, *rest)
+
+    def compute(job, start, *args):
+        if start == 0:
+            assert hung.wait(10)
+            raise KeyboardInterrupt
+        return real_compute(job, start, *args)
+
+    def start(thread):
+        if thread.name == "rnn-xp chunks":
+            started.append(thread)
+            if len(started) == 3:  # a main thread slower than its workers
+                assert hung.wait(10)
+        real_start(thread)
+
+    monkeypatch.setattr(batch, "_staged_inputs", staged)
+    monkeypatch.setattr(batch, "_compute", compute)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    try:
+        began = time.monotonic()
+        rc, _, err = call(run_args("--batch-size", B, "--jobs", "3", "--no-progress"), capsys)
+        elapsed = time.monotonic() - began
+    finally:
+        resume.set()
+    assert (rc, err) == (130, "rnn-xp: interrupted\n")
+    assert elapsed < 10
+    assert _leftovers() == []
+
+
 def test_the_input_files_are_closed_once_the_threads_end(work, monkeypatch):
     closed = []
     real = batch._staged_inputs

@@ -357,3 +357,80 @@ def _perm(proto):
 def test_from_onnx_refuses_what_it_cannot_read_whole(tmp_path, make, message):
     with pytest.raises(ValueError, match=message):
         rnn_xp.from_onnx(make(tmp_path))
+
+
+# -- fuzz: a file from_onnx reads is a model or one OnnxError ------------------------------
+
+
+def _read(path):
+    """``from_onnx``'s two outcomes: a model, or an OnnxError (a ValueError); nothing else."""
+    try:
+        return rnn_xp.from_onnx(path)
+    except rnn_xp.onnx_import.OnnxError as exc:
+        message = str(exc)
+    assert message.startswith("path: "), message
+    return None
+
+
+def test_fuzzed_bytes_give_a_model_or_one_clear_error(tmp_path):
+    rnn_xp.Recurrent("lstm", D, H, num_layers=2, bidirectional=True, seed=0).to_onnx(
+        tmp_path / "m.onnx", lengths=True, initial_state=True
+    )
+    data = (tmp_path / "m.onnx").read_bytes()
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        b = bytearray(data)
+        for _ in range(rng.integers(1, 6)):
+            pos, kind = int(rng.integers(len(b))), rng.integers(3)
+            if kind == 0:
+                b[pos] = int(rng.integers(256))
+            elif kind == 1:
+                del b[pos : pos + int(rng.integers(1, 40))]
+            else:
+                b[pos:pos] = bytes(rng.integers(0, 256, int(rng.integers(1, 16))).tolist())
+        (tmp_path / "f.onnx").write_bytes(bytes(b))
+        _read(tmp_path / "f.onnx")
+
+
+def test_fuzzed_graphs_give_a_model_or_one_clear_error(tmp_path):
+    import copy
+
+    from onnx import numpy_helper
+
+    rnn_xp.Recurrent("gru", D, H, num_layers=2, bidirectional=True, seed=0).to_onnx(
+        tmp_path / "m.onnx", lengths=True, initial_state=True
+    )
+    base = onnx.load(str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(1)
+    read = 0
+    for _ in range(150):
+        proto = copy.deepcopy(base)
+        g, kind = proto.graph, rng.integers(5)
+        if kind == 0:  # an initializer of another size, shape or dtype
+            t = g.initializer[int(rng.integers(len(g.initializer)))]
+            a = numpy_helper.to_array(t).ravel()
+            a = np.resize(a, int(rng.integers(0, a.size + 3)))
+            a = a.astype([np.float32, np.float64, np.float16, np.int32][rng.integers(4)])
+            t.CopyFrom(numpy_helper.from_array(a if rng.integers(2) else a[None], t.name))
+        elif kind == 1:  # a node left out
+            del g.node[int(rng.integers(len(g.node)))]
+        elif kind == 2:  # an input rewired
+            node = g.node[int(rng.integers(len(g.node)))]
+            names = [o for n in g.node for o in n.output] + ["xs", ""]
+            if node.input:
+                node.input[int(rng.integers(len(node.input)))] = names[rng.integers(len(names))]
+        elif kind == 3:  # an attribute changed
+            for a in g.node[int(rng.integers(len(g.node)))].attribute:
+                if a.type == onnx.AttributeProto.INT:
+                    a.i = int(rng.integers(-3, 300))
+                elif a.type == onnx.AttributeProto.INTS and len(a.ints):
+                    a.ints[int(rng.integers(len(a.ints)))] = int(rng.integers(-2, 5))
+                elif a.type == onnx.AttributeProto.STRING:
+                    a.s = [b"forward", b"reverse", b"bidirectional", b"x"][rng.integers(4)]
+        else:  # another operator
+            g.node[int(rng.integers(len(g.node)))].op_type = ["RNN", "LSTM", "GRU", "Identity"][
+                rng.integers(4)
+            ]
+        onnx.save(proto, str(tmp_path / "f.onnx"))
+        read += _read(tmp_path / "f.onnx") is not None
+    assert 0 < read < 150  # some edits keep a readable model (checked against the file)
