@@ -64,6 +64,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--kinds", nargs="*", default=["rnn_tanh", "lstm", "gru"])
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.2,
+        help="seconds of sleep before each contender's turn (0: none)",
+    )
     args = parser.parse_args()
     import onnxruntime
     import torch
@@ -71,12 +77,15 @@ def main() -> None:
     print(
         f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), numpy {np.__version__}, rnn_xp "
-        f"{rnn_xp.__version__}; {os.cpu_count()} CPUs; float32, forward, best of {args.rounds}"
+        f"{rnn_xp.__version__}; {os.cpu_count()} CPUs; float32, forward, best of {args.rounds}, "
+        f"{args.settle} s settle"
     )
     with tempfile.TemporaryDirectory() as folder:
         for size in SIZES:
             for kind in args.kinds:
-                times = bench.best_of(_contenders(kind, *size, folder), args.rounds, 60.0)
+                times = bench.best_of(
+                    _contenders(kind, *size, folder), args.rounds, 60.0, settle_s=args.settle
+                )
                 base = times["onnxruntime"]
                 print(f"\n{kind}, (N, T, D, H) = {size}:")
                 for label, t in times.items():

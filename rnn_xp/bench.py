@@ -327,7 +327,11 @@ _MIXED: list[Callable] = [rnn_xp_torch_mixed, torch_nn_autocast, rnn_xp_jax_mixe
 
 
 def best_of(
-    fns: dict[str, Callable], rounds: int, budget_s: float, min_time_s: float = 0.02
+    fns: dict[str, Callable],
+    rounds: int,
+    budget_s: float,
+    min_time_s: float = 0.02,
+    settle_s: float = 0.0,
 ) -> dict[str, float]:
     """Round-robin best-of-``rounds`` seconds per call of each function.
 
@@ -336,6 +340,11 @@ def best_of(
     time, after one untimed call: switching between libraries leaves the other
     library's worker threads spinning for a moment, and a lone sub-millisecond
     call would time that instead of itself.
+
+    ``settle_s`` > 0 sleeps that long before each function's turn, and always
+    makes the untimed call: for contenders with thread pools of their own
+    (ONNX Runtime, OpenBLAS, torch), whose threads spin after a call (OpenBLAS
+    for up to ~0.1 s) and take a core from whichever runs next.
     """
     calls = {}
     for label, f in fns.items():
@@ -352,7 +361,9 @@ def best_of(
         # memory, and came out up to 16% faster than the same code timed first.
         for label, f in order if r % 2 == 0 else order[::-1]:
             n = calls[label]
-            if n > 1:
+            if settle_s > 0:
+                time.sleep(settle_s)
+            if n > 1 or settle_s > 0:
                 f()
             t0 = time.perf_counter()
             for _ in range(n):

@@ -80,3 +80,20 @@ def test_elman_floor_script_smoke():
     )
     for label in ("limit", "rnn_xp numpy", "notebook", "T x tanh", "floor"):
         assert f"{label} " in run.stdout, run.stdout
+
+
+def test_best_of_settles_before_each_turn(monkeypatch):
+    """With ``settle_s`` each turn sleeps, then makes one untimed call before the timed one."""
+    events = []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(("sleep", s)))
+
+    def slow():
+        events.append("call")
+
+    # min_time_s=0: one timed call per turn
+    bench.best_of({"a": slow}, rounds=3, budget_s=60.0, min_time_s=0.0, settle_s=0.25)
+    turns = events[2:]  # after the two calls that count the calls per timing
+    assert turns == [("sleep", 0.25), "call", "call"] * 3
+    events.clear()
+    bench.best_of({"a": slow}, rounds=3, budget_s=60.0, min_time_s=0.0)
+    assert events == ["call"] * (2 + 3)

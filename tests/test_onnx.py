@@ -24,6 +24,25 @@ D, H = 3, 5
 MODES = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 
 
+def _grid(mode, seed, num_layers=(1, 2), bias=(True,)):
+    """Each (model, config): num_layers x bidirectional x batch_first x bias, seeded."""
+    for config in itertools.product(num_layers, [False, True], [False, True], bias):
+        layers, bidirectional, batch_first, with_bias = config
+        yield (
+            rnn_xp.Recurrent(
+                mode,
+                D,
+                H,
+                num_layers=layers,
+                bidirectional=bidirectional,
+                batch_first=batch_first,
+                bias=with_bias,
+                seed=seed,
+            ),
+            config,
+        )
+
+
 def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -63,19 +82,10 @@ def _check(model, path, lengths, states):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_onnx_runtime_runs_every_exported_configuration(tmp_path, mode, num_layers):
-    for bidirectional, batch_first, lengths, states, bias in itertools.product(
-        [False, True], [False, True], [False, True], [False, True], [True]
+    for (model, config), lengths, states in itertools.product(
+        _grid(mode, 3, num_layers=(num_layers,)), [False, True], [False, True]
     ):
-        model = rnn_xp.Recurrent(
-            mode,
-            D,
-            H,
-            num_layers=num_layers,
-            bidirectional=bidirectional,
-            batch_first=batch_first,
-            bias=bias,
-            seed=3,
-        )
+        _, bidirectional, batch_first, _ = config
         path = tmp_path / f"{bidirectional}{batch_first}{lengths}{states}.onnx"
         model.to_onnx(path, lengths=lengths, initial_state=states)
         _check(model, path, lengths, states)
@@ -230,19 +240,7 @@ def test_rnn_xp_export_refuses_bad_input_in_one_line(tmp_path, monkeypatch, caps
 
 @pytest.mark.parametrize("mode", [*MODES, "lstm_peephole"])
 def test_a_round_trip_is_bit_for_bit_on_the_parameters(tmp_path, mode):
-    for num_layers, bidirectional, batch_first, bias in itertools.product(
-        [1, 2], [False, True], [False, True], [False, True]
-    ):
-        model = rnn_xp.Recurrent(
-            mode,
-            D,
-            H,
-            num_layers=num_layers,
-            bidirectional=bidirectional,
-            batch_first=batch_first,
-            bias=bias,
-            seed=9,
-        )
+    for model, (_, _, batch_first, bias) in _grid(mode, 9, bias=(False, True)):
         path = tmp_path / "m.onnx"
         model.to_onnx(path, lengths=bias, initial_state=batch_first)
         back = rnn_xp.from_onnx(path)
