@@ -70,20 +70,38 @@ def forward_fused(
     keep: bool,
     zero_state: bool,
 ):
-    """``(outs, state_n, saved, h_prev)`` of one direction, input projection included.
+    """``(outs, state_n, saved, h_prev, stacked)`` of one direction, input projection included.
 
     NumPy, CuPy and torch (not recorded by autograd), without a mask, for the
-    cell kinds of `_fused_numpy.KINDS` only; NotImplementedError before any
-    work otherwise. ``zero_state`` says that ``state0`` is all zeros, so the
+    cell kinds of `_fused_numpy.KINDS` (on the CPU, torch's own operators where
+    they express it: `_fused_torch.native_forward`, whose tape is the ``saved``
+    returned, and ``h_prev`` None); and JAX on the CPU, masks included,
+    any cell kind with a ``step`` (`_fused_jax.forward_projecting`: ``stacked``
+    is True, the tape's steps stacked as `forward`'s are). NotImplementedError
+    before any work otherwise. ``zero_state`` says that ``state0`` is all zeros, so the
     first step's recurrent product is skipped.
     """
+    if not DISABLED and is_jax_namespace(xp) and _fused_jax.projects_per_step(xs):
+        outs, state, saved, h_prev = _fused_jax.forward_projecting(
+            cell, xs, Wx, bx, Wh, bh, state0, mask3, reverse, keep, getattr(xp, "policy", None)
+        )
+        return outs, state, saved, h_prev, True
     if mask3 is not None or getattr(cell, "kind", None) not in _fused_numpy.KINDS:
         raise NotImplementedError
+    if not DISABLED and is_torch_namespace(xp) and not isinstance(xp, Namespace):
+        try:
+            outs, state, tape = _fused_torch.native_forward(
+                cell, xs, Wx, bx, Wh, bh, state0, reverse, keep
+            )
+            return outs, state, tape, None, False
+        except NotImplementedError:
+            pass
     lib = _library(xp, xs, Wx, bx, Wh, bh, *state0)
     with on_device_of(xp, xs):
-        return _fused_numpy.forward(
+        outs, state, saved, h_prev = _fused_numpy.forward(
             lib, cell, xs, Wx, bx, Wh, bh, state0, reverse, keep, zero_state
         )
+    return outs, state, saved, h_prev, False
 
 
 def forward(xp: ModuleType, cell: Any, ax, Wh, bh, state0, mask3, reverse: bool, keep: bool):
@@ -121,6 +139,16 @@ def backward_fused(xp: ModuleType, cell: Any, tape: Any, douts, dstate_n):
         return _fused_numpy.backward(lib, cell, tape, douts, dstate_n)
 
 
+def backward_native(tape: Any, douts, dstate_n):
+    """``(dxs, dstate0, dWx, dWh, dbx, dbh)`` of a tape of torch's own operator, by autograd.
+
+    NotImplementedError for every other tape (`_fused_torch.native_backward`).
+    """
+    if not isinstance(tape.saved, _fused_torch.Native):
+        raise NotImplementedError
+    return _fused_torch.native_backward(tape.saved, douts, dstate_n)
+
+
 def input_grads(xp: ModuleType, xs, Wx, dax):
     """``(dxs, dWx)`` from the time-major gate gradients ``dax`` (T, N, G) of `backward_fused`.
 
@@ -131,6 +159,10 @@ def input_grads(xp: ModuleType, xs, Wx, dax):
         return _fused_numpy.input_grads(lib, xs, Wx, dax)
 
 
-def backward_stacked(xp: ModuleType, cell: Any, tape: Any, douts, dstate):
-    """The backward of the JAX `forward`: ``(dax3, dah3, dstate0, h_prev3)``."""
-    return _fused_jax.backward(cell, tape, douts, dstate, getattr(xp, "policy", None))
+def backward_stacked(xp: ModuleType, cell: Any, tape: Any, douts, dstate, time_major: bool):
+    """The backward of the JAX forwards: ``(dax3, dah3, dstate0, h_prev3)``.
+
+    Batch-major (N, T, ...), or time-major (T, N, ...) with ``time_major``.
+    """
+    policy = getattr(xp, "policy", None)
+    return _fused_jax.backward(cell, tape, douts, dstate, policy, time_major)

@@ -12,13 +12,22 @@ pass over the output. The loops themselves work on column blocks rather than
 gate-major copies on torch (`_fused_numpy._gate_major_pays`), and fuse the
 Elman backward too (`_fused_numpy._fused_backward_pays`).
 
-torch itself is imported only when `ops` is called.
+On the CPU, for what torch's own sequence kernels express, `native_forward`
+runs those instead: ``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh`` and
+``torch.rnn_relu``, the ATen operators ``torch.nn.LSTM`` and its kin call
+(oneDNN's RNN primitive in float32). They take the whole sequence in C++,
+where the loops above pay torch's per-operation dispatch (~20 operations a
+LSTM step) and its BLAS's per-step products; BENCHMARKS.md, "Ahead of each
+library's own RNN", has the profile. The gradients then come from autograd
+through the same operator (`native_backward`), as ``torch.nn``'s do.
+
+torch itself is imported only when `ops` or `native_forward` is called.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def ops(arrays) -> _TorchOps:
@@ -72,3 +81,111 @@ class _TorchOps:
     def contiguous_copy(self, a):
         """A C-contiguous copy of ``a``, whatever its strides."""
         return a.clone(memory_format=self._torch.contiguous_format)
+
+
+# -- torch's own sequence kernels ---------------------------------------------------
+
+
+class Native(NamedTuple):
+    """The tape of `native_forward`: what autograd recorded, for `native_backward`.
+
+    ``results`` are the operator's outputs (out, h_n[, c_n]) and ``leaves`` the
+    detached inputs it was recorded from: xs, Wx, Wh, bx, bh and the initial
+    states, None where absent.
+    """
+
+    results: tuple
+    leaves: tuple
+
+
+def _native_operator(torch: ModuleType, cell: Any):
+    kind = getattr(cell, "kind", None)
+    if kind == "lstm":
+        return torch.lstm
+    if kind == "gru":
+        return torch.gru
+    if kind == "elman":
+        return {"tanh": torch.rnn_tanh, "relu": torch.rnn_relu}[cell.nonlinearity]
+    raise NotImplementedError
+
+
+def native_forward(cell, xs, Wx, bx, Wh, bh, state0, reverse: bool, keep: bool):
+    """``(outs, state_n, tape)`` of one direction by torch's own operator, or NotImplementedError.
+
+    CPU tensors of float32 or float64 that autograd is not recording, a cell
+    of torch's (``elman``, ``lstm`` or ``gru``: their gate orders are torch's),
+    biases each None or shared by every sequence (ndim <= 1), and no empty
+    batch or sequence. The generic
+    or fused loops run anything else. ``reverse`` flips the sequence in and
+    out. With ``keep``, the operator runs under autograd from detached copies
+    of the inputs, and ``tape`` is a `Native` for `native_backward`; else None.
+    """
+    import torch
+
+    operator = _native_operator(torch, cell)
+    arrays = (xs, Wx, Wh, bx, bh, *state0)
+    present = [a for a in arrays if a is not None]
+    served = (torch.float32, torch.float64)
+    if any(a.device.type != "cpu" or a.dtype not in served for a in present):
+        raise NotImplementedError
+    if len({a.dtype for a in present}) > 1 or any(b is not None and b.ndim > 1 for b in (bx, bh)):
+        raise NotImplementedError
+    if torch.is_grad_enabled() and any(a.requires_grad for a in present):
+        raise NotImplementedError  # autograd records the generic loop instead
+    H, G = Wh.shape
+    if Wx.shape[1] != G or cell.gates * H != G or 0 in xs.shape:
+        raise NotImplementedError
+    with torch.enable_grad() if keep else torch.no_grad():
+        leaves = tuple(None if a is None else a.detach().requires_grad_(keep) for a in arrays)
+        x, wx, wh, b_x, b_h, *states = leaves
+        zero = torch.zeros(G, dtype=xs.dtype)
+        # A bias of one entry (or 0-d) serves every column: expanded, autograd sums it back.
+        b_x, b_h = (zero if b is None else b.expand(G) for b in (b_x, b_h))
+        hx = tuple(s.unsqueeze(0) for s in states)
+        if reverse:
+            x = torch.flip(x, (1,))
+        results = operator(
+            x,
+            hx if len(hx) > 1 else hx[0],
+            [wx.T.contiguous(), wh.T.contiguous(), b_x, b_h],
+            True,  # has_biases
+            1,  # num_layers
+            0.0,  # dropout
+            False,  # train (dropout only)
+            False,  # bidirectional
+            True,  # batch_first
+        )
+        out, *finals = results  # (out, h_n[, c_n]), each state (1, N, H)
+        # The flip is recorded too: the gradients of the outputs come in step order.
+        outs = torch.flip(out, (1,)) if reverse else out
+    tape = Native((outs, *finals), leaves) if keep else None
+    return outs.detach(), tuple(f[0].detach() for f in finals), tape
+
+
+def native_backward(tape: Native, douts, dstate_n):
+    """``(dxs, dstate0, dWx, dWh, dbx, dbh)`` from a `native_forward` tape, by autograd.
+
+    ``douts`` is (N, T, H), the gradient of the outputs as returned (for a
+    reverse direction autograd runs back through the recorded flip); ``dstate_n``
+    entries may be None (zero). A gradient autograd finds unused (an omitted
+    initial state's) is zero. The tape is kept: backward may be called again.
+    """
+    import torch
+
+    out, *finals = tape.results
+    outputs, grads = [out], [douts]
+    for f, d in zip(finals, dstate_n):
+        if d is not None:
+            outputs.append(f)
+            grads.append(d.unsqueeze(0))
+    wanted = [leaf for leaf in tape.leaves if leaf is not None]
+    with torch.enable_grad():
+        found = torch.autograd.grad(outputs, wanted, grads, retain_graph=True, allow_unused=True)
+    found = iter(found)
+    got = [None if leaf is None else next(found) for leaf in tape.leaves]
+    got = [
+        g if g is not None or leaf is None else torch.zeros_like(leaf)
+        for g, leaf in zip(got, tape.leaves)
+    ]
+    dxs, dWx, dWh, dbx, dbh, *dstate0 = got
+    return dxs, tuple(dstate0), dWx, dWh, dbx, dbh

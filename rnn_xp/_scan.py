@@ -140,7 +140,7 @@ def forward(
     try:
         if generic:
             raise NotImplementedError
-        outs, state, saved, h_prev = _fastpath.forward_fused(
+        outs, state, saved, h_prev, stacked = _fastpath.forward_fused(
             xp, cell, xs, Wx, bx, Wh, bh, state0, mask3, reverse, keep_tape, zero_state
         )
     except NotImplementedError:
@@ -195,13 +195,23 @@ def backward(
     generic = getattr(cell, "generic", False)
     if generic:  # before any work: every backward of a public cell comes through here
         cell.check_backward(xp)
+    else:
+        try:  # a tape of torch's own operator: autograd through it gives them all
+            return _fastpath.backward_native(tape, douts, dstate_n)
+        except NotImplementedError:
+            pass
     # A zero gradient for each state, (N, width): a generic cell's states may differ in width.
     N = douts.shape[0]
     zero = tuple(zeros(xp, (N, w), douts.dtype, device(douts)) for w in tape.widths)
-    time_major = False  # (N, T, G) gate gradients; the fused loops' are (T, N, G)
+    # (N, T, G) gate gradients; the fused loops' are (T, N, G), and so are the
+    # JAX scan's but for a generic cell, whose own `param_grads` takes (N, T, ...).
+    time_major = False
     if tape.stacked:
         dstate = tuple(z if d is None else d for z, d in zip(zero, dstate_n))
-        dax3, dah3, dstate, h_prev3 = _fastpath.backward_stacked(xp, cell, tape, douts, dstate)
+        time_major = not generic
+        dax3, dah3, dstate, h_prev3 = _fastpath.backward_stacked(
+            xp, cell, tape, douts, dstate, time_major
+        )
     else:
         try:
             if generic:
@@ -223,7 +233,10 @@ def backward(
     # The fused loops' time-major gradients pair with time-major rows of xs
     # and h_prev: those of h_prev are stacked so above, xs's are copied.
     if time_major:
-        dxs, dWx = _fastpath.input_grads(xp, xs, Wx, dax3)
+        try:
+            dxs, dWx = _fastpath.input_grads(xp, xs, Wx, dax3)
+        except NotImplementedError:
+            dxs, dWx = _input_grads_time_major(xp, reduce, xs, Wx, dax3)
     else:
         dax2 = _rows(xp, dax3)
         dxs = _unrows(xp, xp.matmul(dax2, Wx.T), xs.shape[0], xs.shape[1])
@@ -232,6 +245,19 @@ def backward(
     dbx = None if bx is None else _sum_over_time(xp, dax3, time_major, bx)
     dbh = None if bh is None else _sum_over_time(xp, dah3, time_major, bh)
     return dxs, dstate, dWx, dWh, dbx, dbh
+
+
+def _input_grads_time_major(xp: ModuleType, reduce: Any, xs: Array, Wx: Array, dax3: Array):
+    """``(dxs, dWx)`` from time-major gate gradients ``dax3`` (T, N, G).
+
+    Their rows pair with the time-major rows of ``xs`` (N, T, D): transposing
+    ``xs`` and ``dxs``, D wide, costs less than transposing the G-wide ``dax3``.
+    """
+    T, N, _ = dax3.shape
+    dax2 = _rows(xp, dax3)
+    dWx = reduce(_rows(xp, xp.permute_dims(xs, (1, 0, 2))).T, dax2)
+    dxs = xp.permute_dims(_unrows(xp, xp.matmul(dax2, Wx.T), T, N), (1, 0, 2))
+    return dxs, dWx
 
 
 def reduction_matmul(xp: ModuleType) -> Any:

@@ -216,6 +216,118 @@ def rnn_xp_jax(kind: str, a: dict) -> dict:
     }
 
 
+def rnn_xp_jax_autodiff(kind: str, a: dict) -> dict:
+    """``jax.grad`` through rnn_xp's forward on JAX: the gradient `backward` could have used."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    j = {k: jax.numpy.asarray(v) for k, v in a.items()}
+
+    def loss(xs, Wx, Wh, b):
+        arrays = {"xs": xs, "Wx": Wx, "Wh": Wh, "b": b}
+        return jax.numpy.sum(_forward_backward(kind, arrays, False) * j["dhs"])
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    args = [j[k] for k in ("xs", "Wx", "Wh", "b")]
+    return {("rnn_xp jax autodiff", True): lambda: jax.block_until_ready(grad(*args))}
+
+
+def _gate_blocks(a: dict, kind: str) -> tuple[list, list, list, list]:
+    """``a``'s weights cut into per-gate blocks in torch's order: Wx, Wh, bx, bh columns."""
+    H = a["Wh"].shape[0]
+    G = a["Wh"].shape[1] // H
+    cut = lambda w: [w[..., g * H : (g + 1) * H] for g in range(G)]  # noqa: E731
+    bx = cut(a["b"])  # bench's GRU runs with bx = bh = b; the LSTM's one b is bx
+    bh = cut(a["b"]) if kind == "gru" else [0 * b for b in bx]
+    return cut(a["Wx"]), cut(a["Wh"]), bx, bh
+
+
+def flax_linen(kind: str, a: dict) -> dict:
+    """Flax's ``nn.RNN`` of ``OptimizedLSTMCell`` or ``GRUCell``, under ``jax.jit``.
+
+    Loaded with the problem's weights, so it computes rnn_xp's forward. The
+    gradient is ``jax.grad`` of ``sum(out * dhs)`` with respect to the
+    parameters and ``xs``, as rnn_xp's backward gives them all.
+    """
+    import jax
+    from flax import linen as nn
+
+    if kind not in ("lstm", "gru"):
+        return {}
+    jnp = jax.numpy
+    H = a["Wh"].shape[0]
+    Wx, Wh, bx, bh = _gate_blocks(a, kind)
+    if kind == "lstm":
+        cell, params = nn.OptimizedLSTMCell(H), {}
+        for g, name in enumerate("ifgo"):
+            params[f"i{name}"] = {"kernel": Wx[g]}
+            params[f"h{name}"] = {"kernel": Wh[g], "bias": bx[g] + bh[g]}
+    else:  # Flax's GRU: r, z with one summed bias; n's input and hidden biases apart
+        cell = nn.GRUCell(H)
+        params = {
+            "ir": {"kernel": Wx[0], "bias": bx[0] + bh[0]},
+            "iz": {"kernel": Wx[1], "bias": bx[1] + bh[1]},
+            "in": {"kernel": Wx[2], "bias": bx[2]},
+            "hr": {"kernel": Wh[0]},
+            "hz": {"kernel": Wh[1]},
+            "hn": {"kernel": Wh[2], "bias": bh[2]},
+        }
+    rnn = nn.RNN(cell)
+    variables = jax.tree_util.tree_map(jnp.asarray, {"params": {"cell": params}})
+    xs, dhs = jnp.asarray(a["xs"]), jnp.asarray(a["dhs"])
+    fwd = jax.jit(rnn.apply)
+    loss = lambda v, x: jnp.sum(rnn.apply(v, x) * dhs)  # noqa: E731
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return {
+        ("flax", False): lambda: jax.block_until_ready(fwd(variables, xs)),
+        ("flax", True): lambda: jax.block_until_ready(grad(variables, xs)),
+    }
+
+
+def keras_jax(kind: str, a: dict) -> dict:
+    """Keras 3's ``LSTM`` or ``GRU`` layer on the JAX backend, under ``jax.jit``.
+
+    Its ``stateless_call`` with the problem's weights (the GRU's ``reset_after``
+    is torch's form); the gradient as `flax_linen`'s. Unavailable where Keras
+    was imported on another backend (``KERAS_BACKEND``).
+    """
+    if kind not in ("lstm", "gru"):
+        return {}
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import jax
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise Unavailable(f"Keras runs on {keras.backend.backend()}; KERAS_BACKEND=jax runs it")
+    jnp = jax.numpy
+    N, T, D = a["xs"].shape
+    H = a["Wh"].shape[0]
+    Wx, Wh, bx, bh = _gate_blocks(a, kind)
+    if kind == "lstm":  # Keras' gate order i, f, c, o is torch's
+        layer = keras.layers.LSTM(H, return_sequences=True)
+        weights = [a["Wx"], a["Wh"], a["b"]]
+    else:  # Keras' z, r, h against torch's r, z, n; bias rows: input, recurrent
+        layer = keras.layers.GRU(H, return_sequences=True)
+        order = [1, 0, 2]
+        cat = lambda blocks: np.concatenate([blocks[g] for g in order], axis=-1)  # noqa: E731
+        weights = [cat(Wx), cat(Wh), np.stack([cat(bx), cat(bh)])]
+    layer.build((N, T, D))
+    trainable = [jnp.asarray(w) for w in weights]
+    fixed = [v.value for v in layer.non_trainable_variables]
+    xs, dhs = jnp.asarray(a["xs"]), jnp.asarray(a["dhs"])
+
+    def forward(trainable, x):
+        return layer.stateless_call(trainable, fixed, x)[0]
+
+    fwd = jax.jit(forward)
+    loss = lambda w, x: jnp.sum(forward(w, x) * dhs)  # noqa: E731
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return {
+        ("keras jax", False): lambda: jax.block_until_ready(fwd(trainable, xs)),
+        ("keras jax", True): lambda: jax.block_until_ready(grad(trainable, xs)),
+    }
+
+
 def rnn_xp_cupy(kind: str, a: dict) -> dict:
     import cupy
 
@@ -311,6 +423,9 @@ def torch_nn_autocast(kind: str, a: dict, policy: str, device: str = "cpu") -> d
     return fns
 
 
+JAX_PEERS = ("flax", "keras jax")
+"""The JAX libraries' own RNNs: the ``/jax peer`` column is a time over the faster of them."""
+
 CPU_CONTENDERS: list[Callable] = [
     limit,
     rnn_xp_numpy,
@@ -318,6 +433,9 @@ CPU_CONTENDERS: list[Callable] = [
     torch_nn,
     rnn_xp_torch,
     rnn_xp_jax,
+    rnn_xp_jax_autodiff,
+    flax_linen,
+    keras_jax,
 ]
 _MIXED: list[Callable] = [rnn_xp_torch_mixed, torch_nn_autocast, rnn_xp_jax_mixed]
 """The rows of ``--precision``: a policy's own, and torch.nn's under autocast."""
@@ -393,6 +511,7 @@ def table(
     rounds: int,
     budget_s: float,
     label: str = "",
+    settle_s: float = 0.0,
 ) -> list[str]:
     a = problem(kind, *size, dtype)
     fns, notes = {}, []
@@ -403,18 +522,24 @@ def table(
             notes.append(f"{make.__name__}: skipped ({exc})")
             continue
         fns.update(found)
-    timings = best_of(fns, rounds, budget_s)
+    timings = best_of(fns, rounds, budget_s, settle_s=settle_s)
     lines = [f"\n{kind}  N={size[0]} T={size[1]} D={size[2]} H={size[3]}  {dtype}{label}"]
     head = f"{'best ms':>10}{'GFLOP/s':>10}{'/limit':>9}{'/torch.nn':>11}"
+    jax_peers = any(name in JAX_PEERS for name, _ in timings)
+    if jax_peers:
+        head += f"{'/jax peer':>10}"
     lines.append(f"  {'contender':<30}{'pass':<9}{head}")
+    nan = float("nan")
     for (label, backward), t in timings.items():
         ref = {name: timings[name, b] for name, b in timings if b == backward}
         lim = ref.get("limit") or ref.get("rnn_xp cupy")
         peer = ref.get("torch.nn") or ref.get("torch.nn cudnn")
+        fastest = min((ref[name] for name in JAX_PEERS if name in ref), default=None)
         gf = flops(kind, *size, backward) / t / 1e9
         lines.append(
             f"  {label:<30}{'fwd+bwd' if backward else 'fwd':<9}{1e3 * t:>10.3f}{gf:>10.1f}"
-            f"{t / lim if lim else float('nan'):>9.2f}{t / peer if peer else float('nan'):>11.2f}"
+            f"{t / lim if lim else nan:>9.2f}{t / peer if peer else nan:>11.2f}"
+            + (f"{t / fastest if fastest else nan:>10.2f}" if jax_peers else "")
         )
     lines += [f"  note: {n}" for n in notes]
     return lines
@@ -482,6 +607,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_argtypes.seconds,
         default=20.0,
         help="Seconds per table, at most. Default: 20.",
+    )
+    parser.add_argument(
+        "--settle",
+        type=_argtypes.seconds,
+        default=0.0,
+        metavar="S",
+        help="Sleep S seconds before each contender's turn, then make one untimed call: the "
+        "other libraries' worker threads stop spinning (see BENCHMARKS.md). Default: 0.",
     )
     parser.add_argument(
         "--memory",
@@ -566,6 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"rnn_xp benchmark; {', '.join(versions)}; {os.cpu_count()} CPUs; "
         f"best of {args.rounds} interleaved rounds"
+        + (f", {args.settle} s settle before each turn" if args.settle else "")
     )
 
     policy = args.precision or ("bf16-mixed" if args.gpu else "32-true")
@@ -601,7 +735,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for m, b in zip(these, bound):
                         b.__name__ = m.__name__
                     with contextlib.nullcontext() if mode is None else float32_matmul(mode):
-                        lines = table(kind, size, dtype, bound, args.rounds, args.budget, label)
+                        lines = table(
+                            kind, size, dtype, bound, args.rounds, args.budget, label, args.settle
+                        )
                     print("\n".join(lines))
     if args.memory:
         for size in sizes:

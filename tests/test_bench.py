@@ -36,6 +36,29 @@ def test_bench_contenders_compute_the_same_forward(kind):
     np.testing.assert_allclose(bench._forward_backward(kind, t, False).numpy(), ref, rtol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("peer", ["flax_linen", "keras_jax", "rnn_xp_jax_autodiff"])
+def test_the_jax_peers_compute_rnn_xp_s_forward_and_gradient(kind, peer, monkeypatch):
+    """Flax and Keras run the problem's weights: the same function, and so the same work.
+
+    Their gradient, like ``jax.grad`` through rnn_xp's forward, is rnn_xp's analytic one.
+    """
+    jax = pytest.importorskip("jax")
+    monkeypatch.setenv("KERAS_BACKEND", "jax")  # what `bench.keras_jax` asks for
+    pytest.importorskip({"flax_linen": "flax", "keras_jax": "keras"}.get(peer, "jax"))
+    a = bench.problem(kind, 3, 4, 5, 6, "float32")
+    fns = getattr(bench, peer)(kind, a)
+    label = {"flax_linen": "flax", "keras_jax": "keras jax"}.get(peer, "rnn_xp jax autodiff")
+    want = np.asarray(bench._forward_backward(kind, a, backward=False))
+    if (label, False) in fns:
+        np.testing.assert_allclose(np.asarray(fns[label, False]()), want, rtol=1e-5, atol=1e-6)
+    grads = jax.tree_util.tree_leaves(fns[label, True]())
+    dxs = bench._forward_backward(kind, a, backward=True)[0]
+    # The gradient with respect to xs is the one array of its shape among them all.
+    (got,) = [g for g in grads if g.shape == a["xs"].shape]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(dxs), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("policy", ["bf16-mixed", "16-mixed"])
 def test_bench_adds_the_rows_of_a_mixed_precision_policy(capsys, policy):
     pytest.importorskip("torch")

@@ -176,3 +176,132 @@ def test_fused_loops_multiply_only_contiguous_matrices(mode, reverse, monkeypatc
     # The fused backward ran: T - 1 recurrent products, dh0's, and dWx's and
     # dxs's from the time-major gradients.
     assert lib.products == 2 * t + 3
+
+
+@pytest.mark.parametrize("precision", [None, "bf16-mixed"])
+@pytest.mark.parametrize("steps_kind", ["none", "lengths", "mask"])
+@pytest.mark.parametrize("mode", list(rnn_xp.MODES))
+def test_both_jax_scans_agree_with_the_generic_loop(mode, steps_kind, precision, monkeypatch):
+    """JAX's scan with each step's input product inside it (the CPU's) and with the
+    projection hoisted before it (other devices'), forward and backward, masks, biases
+    of each shape the model allows, and the mixed policy, against the generic loop."""
+    jax = pytest.importorskip("jax")
+    from rnn_xp import _fused_jax
+
+    jax.config.update("jax_enable_x64", True)  # as the matrix's JAX backend has it
+    dtype = "float32" if precision else "float64"
+    rng = np.random.default_rng(5)
+    like = jax.numpy.zeros(1, dtype=dtype)
+    model = rnn_xp.Recurrent(
+        mode, D, H, num_layers=2, bidirectional=True, seed=0, like=like, dtype=dtype
+    )
+    model.precision = precision
+    xs = jax.numpy.asarray(rng.standard_normal((T, N, D)).astype(dtype))
+    dout = jax.numpy.asarray(rng.standard_normal((T, N, 2 * H)).astype(dtype))
+    steps = step_mask(steps_kind)
+    steps = None if steps is None else jax.numpy.asarray(steps)
+    calls = []
+    projecting = _fused_jax.forward_projecting
+
+    def count(*args, **kwargs):
+        calls.append(1)
+        return projecting(*args, **kwargs)
+
+    monkeypatch.setattr(_fused_jax, "forward_projecting", count)
+    results = {}
+    for per_step in (True, False):
+        monkeypatch.setattr(_fused_jax, "projects_per_step", lambda xs, p=per_step: p)
+        calls.clear()
+        results[per_step] = [
+            np.asarray(a) for a in outputs(model, xs, None, steps, steps_kind, dout)
+        ]
+        # The structure asked for ran (the cells of the public protocol have only the hoisted one).
+        assert bool(calls) == (per_step and not getattr(model.cell, "generic", False))
+    monkeypatch.setattr(_fastpath, "DISABLED", True)
+    generic = [np.asarray(a) for a in outputs(model, xs, None, steps, steps_kind, dout)]
+    for per_step, got in results.items():
+        for i, (f, g) in enumerate(zip(got, generic)):
+            what = f"per_step={per_step} output {i}"
+            if precision is None:
+                assert_close(f, g.astype(np.float64), dtype, what)
+                continue
+            # Under a policy a float32 difference in the order of a sum can flip
+            # the bfloat16 rounding of a later operand: up to u = 2^-8 each
+            # product along the longest path (T steps + 2 layers), backward twice.
+            f, g = f.astype(np.float64), g.astype(np.float64)
+            scale = max(1.0, float(np.max(np.abs(g))))
+            err = float(np.max(np.abs(f - g)))
+            assert err <= 2 * (T + 2) * 2.0**-8 * scale, f"{what}: {err:.3g}"
+
+
+def _torch_native_calls(monkeypatch):
+    """A list that `_fused_torch.native_forward` appends "ran" or "refused" to."""
+    from rnn_xp import _fused_torch
+
+    calls = []
+    native = _fused_torch.native_forward
+
+    def spy(*args, **kwargs):
+        try:
+            result = native(*args, **kwargs)
+        except NotImplementedError:
+            calls.append("refused")
+            raise
+        calls.append("ran")
+        return result
+
+    monkeypatch.setattr(_fused_torch, "native_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("mode", TORCH_MODES)
+def test_torch_s_own_operators_agree_with_the_generic_loop(mode, dtype, monkeypatch):
+    """On torch CPU tensors the layers run ``torch.lstm`` and its kin (both directions,
+    two layers, given initial states, the gradients by autograd through them, backward
+    twice) and give the generic loop's outputs, states and gradients."""
+    torch = pytest.importorskip("torch")
+    calls = _torch_native_calls(monkeypatch)
+    rng = np.random.default_rng(7)
+    model = rnn_xp.Recurrent(
+        mode, D, H, num_layers=2, bidirectional=True, seed=1, like=torch.zeros(1), dtype=dtype
+    )
+    S = 4
+    xs = torch.asarray(rng.standard_normal((T, N, D)).astype(dtype))
+    h0 = torch.asarray(rng.standard_normal((S, N, H)).astype(dtype))
+    h0 = (h0, 2 * h0) if two_states(mode) else h0
+    dout = torch.asarray(rng.standard_normal((T, N, 2 * H)).astype(dtype))
+    fast = outputs(model, xs, h0, dout=dout)
+    assert calls == ["ran"] * S  # every layer and direction
+    again = model.backward(dout)  # the tape is kept: the same gradients again
+    np.testing.assert_array_equal(again.numpy(), fast[3 if two_states(mode) else 2].numpy())
+    monkeypatch.setattr(_fastpath, "DISABLED", True)
+    generic = outputs(model, xs, h0, dout=dout)
+    for i, (f, g) in enumerate(zip(fast, generic)):
+        assert f.dtype == g.dtype, i
+        assert f.shape == g.shape, i
+        assert_close(f.numpy(), g.numpy().astype(np.float64), dtype, f"output {i}")
+
+
+def test_torch_s_own_operators_step_aside_where_they_cannot_serve(monkeypatch):
+    """A mask, a bias per sequence, float16, an empty batch, a policy and autograd
+    recording each run rnn_xp's own loops, which give what the generic loop gives."""
+    torch = pytest.importorskip("torch")
+    calls = _torch_native_calls(monkeypatch)
+    rng = np.random.default_rng(8)
+    xs, Wx, Wh, b = (
+        torch.asarray(rng.standard_normal(s).astype("float32"))
+        for s in [(N, T, D), (D, 4 * H), (H, 4 * H), (N, 4 * H)]
+    )
+    rnn_xp.lstm_forward(xs, Wx, Wh, b)  # a bias per sequence
+    rnn_xp.lstm_forward(xs.half(), Wx.half(), Wh.half(), None)
+    rnn_xp.lstm_forward(xs[:0], Wx, Wh, None)
+    with torch.enable_grad():
+        rnn_xp.lstm_forward(xs, Wx.requires_grad_(), Wh, None)
+    assert calls == ["refused"] * 4
+    model = rnn_xp.Recurrent("gru", D, H, batch_first=True, like=xs)
+    model.forward(xs, lengths=torch.asarray([T, 1, 2]))
+    assert calls == ["refused"] * 4  # a mask: not even asked
+    model.precision = "bf16-mixed"
+    model.forward(xs)
+    assert calls == ["refused"] * 4  # a policy: not asked either
