@@ -33,17 +33,24 @@ from . import _mixed
 class StepNamespace:
     """``xp`` (``jax.numpy``, or it under a precision policy) as the scans' steps see it.
 
-    Every name is ``xp``'s own; ``rnn_xp_sigmoid`` is ``jax.nn.sigmoid``, which
-    `rnn_xp._layer.sigmoid` uses where a namespace has it (the generic loop's
-    namespaces do not).
+    Every name is ``xp``'s own; ``rnn_xp_sigmoid`` is ``jax.nn.sigmoid`` (for
+    float32 and float64), which `rnn_xp._layer.sigmoid` uses where a namespace
+    has it (the generic loop's namespaces do not).
     """
 
     def __init__(self, xp: Any) -> None:
         import jax
 
         self.base_namespace = xp
-        self.rnn_xp_sigmoid = jax.nn.sigmoid
         self.__name__ = xp.__name__
+
+        def sigmoid(a):
+            # 16-bit floats keep the generic loop's formula: the two round differently.
+            if a.dtype.itemsize < 4:
+                return 0.5 * (xp.tanh(0.5 * a) + 1)
+            return jax.nn.sigmoid(a)
+
+        self.rnn_xp_sigmoid = sigmoid
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.base_namespace, name)

@@ -117,8 +117,10 @@ def native_forward(cell, xs, Wx, bx, Wh, bh, state0, reverse: bool, keep: bool):
     biases each None or shared by every sequence (ndim <= 1), and no empty
     batch or sequence. The generic
     or fused loops run anything else. ``reverse`` flips the sequence in and
-    out. With ``keep``, the operator runs under autograd from detached copies
-    of the inputs, and ``tape`` is a `Native` for `native_backward`; else None.
+    out. With ``keep`` (not in ``torch.inference_mode``), the operator runs
+    under autograd from detached copies of the inputs, and ``tape`` is a
+    `Native` for `native_backward`; the outputs returned are copies. Else
+    ``tape`` is None.
     """
     import torch
 
@@ -132,13 +134,15 @@ def native_forward(cell, xs, Wx, bx, Wh, bh, state0, reverse: bool, keep: bool):
         raise NotImplementedError
     if torch.is_grad_enabled() and any(a.requires_grad for a in present):
         raise NotImplementedError  # autograd records the generic loop instead
+    if keep and (torch.is_inference_mode_enabled() or any(a.is_inference() for a in present)):
+        raise NotImplementedError  # autograd cannot record from inference tensors
     H, G = Wh.shape
-    if Wx.shape[1] != G or cell.gates * H != G or 0 in xs.shape:
+    if Wx.shape[1] != G or cell.gates * H != G or 0 in (*xs.shape, H):
         raise NotImplementedError
     with torch.enable_grad() if keep else torch.no_grad():
         leaves = tuple(None if a is None else a.detach().requires_grad_(keep) for a in arrays)
         x, wx, wh, b_x, b_h, *states = leaves
-        zero = torch.zeros(G, dtype=xs.dtype)
+        zero = torch.zeros(G, dtype=xs.dtype, device=xs.device)
         # A bias of one entry (or 0-d) serves every column: expanded, autograd sums it back.
         b_x, b_h = (zero if b is None else b.expand(G) for b in (b_x, b_h))
         hx = tuple(s.unsqueeze(0) for s in states)
@@ -158,8 +162,12 @@ def native_forward(cell, xs, Wx, bx, Wh, bh, state0, reverse: bool, keep: bool):
         out, *finals = results  # (out, h_n[, c_n]), each state (1, N, H)
         # The flip is recorded too: the gradients of the outputs come in step order.
         outs = torch.flip(out, (1,)) if reverse else out
-    tape = Native((outs, *finals), leaves) if keep else None
-    return outs.detach(), tuple(f[0].detach() for f in finals), tape
+    if not keep:
+        return outs, tuple(f[0] for f in finals), None
+    # The caller's copies: autograd saved the operator's outputs, which an in-place
+    # change of what we return (a ReLU after the RNN, say) must not reach.
+    tape = Native((outs, *finals), leaves)
+    return outs.detach().clone(), tuple(f[0].detach().clone() for f in finals), tape
 
 
 def native_backward(tape: Native, douts, dstate_n):
@@ -169,6 +177,7 @@ def native_backward(tape: Native, douts, dstate_n):
     reverse direction autograd runs back through the recorded flip); ``dstate_n``
     entries may be None (zero). A gradient autograd finds unused (an omitted
     initial state's) is zero. The tape is kept: backward may be called again.
+    Where autograd records ``douts`` or ``dstate_n``, it records this too.
     """
     import torch
 
@@ -179,8 +188,18 @@ def native_backward(tape: Native, douts, dstate_n):
             outputs.append(f)
             grads.append(d.unsqueeze(0))
     wanted = [leaf for leaf in tape.leaves if leaf is not None]
+    # Gradients of a gradient: where autograd records the incoming gradients, so is
+    # this backward (as the generic loop's would be).
+    create_graph = torch.is_grad_enabled() and any(g.requires_grad for g in grads)
     with torch.enable_grad():
-        found = torch.autograd.grad(outputs, wanted, grads, retain_graph=True, allow_unused=True)
+        found = torch.autograd.grad(
+            outputs,
+            wanted,
+            grads,
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
     found = iter(found)
     got = [None if leaf is None else next(found) for leaf in tape.leaves]
     got = [

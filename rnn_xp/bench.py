@@ -242,6 +242,12 @@ def _gate_blocks(a: dict, kind: str) -> tuple[list, list, list, list]:
     return cut(a["Wx"]), cut(a["Wh"]), bx, bh
 
 
+def _float32_peer(a: dict, name: str) -> None:
+    """`Unavailable` unless ``a`` is float32: the peers' cells and scans are float32 ones."""
+    if a["xs"].dtype != np.float32:
+        raise Unavailable(f"{name} is timed in float32 only, not {a['xs'].dtype}")
+
+
 def flax_linen(kind: str, a: dict) -> dict:
     """Flax's ``nn.RNN`` of ``OptimizedLSTMCell`` or ``GRUCell``, under ``jax.jit``.
 
@@ -254,6 +260,7 @@ def flax_linen(kind: str, a: dict) -> dict:
 
     if kind not in ("lstm", "gru"):
         return {}
+    _float32_peer(a, "flax")
     jnp = jax.numpy
     H = a["Wh"].shape[0]
     Wx, Wh, bx, bh = _gate_blocks(a, kind)
@@ -299,6 +306,7 @@ def keras_jax(kind: str, a: dict) -> dict:
 
     if keras.backend.backend() != "jax":
         raise Unavailable(f"Keras runs on {keras.backend.backend()}; KERAS_BACKEND=jax runs it")
+    _float32_peer(a, "keras")
     jnp = jax.numpy
     N, T, D = a["xs"].shape
     H = a["Wh"].shape[0]

@@ -59,6 +59,16 @@ def test_the_jax_peers_compute_rnn_xp_s_forward_and_gradient(kind, peer, monkeyp
     np.testing.assert_allclose(np.asarray(got), np.asarray(dxs), rtol=1e-4, atol=1e-5)
 
 
+def test_the_jax_peers_step_aside_in_float64(capsys, monkeypatch):
+    """Flax's and Keras' cells are float32 ones: a float64 table notes them, and runs."""
+    pytest.importorskip("jax")
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    pytest.importorskip("flax")
+    assert cli.main(["bench", "--smoke", "--kind", "gru", "--dtype", "float64"]) == 0
+    out = capsys.readouterr().out
+    assert "note: flax_linen: skipped (flax is timed in float32 only, not float64)" in out
+
+
 @pytest.mark.parametrize("policy", ["bf16-mixed", "16-mixed"])
 def test_bench_adds_the_rows_of_a_mixed_precision_policy(capsys, policy):
     pytest.importorskip("torch")

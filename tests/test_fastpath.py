@@ -305,3 +305,42 @@ def test_torch_s_own_operators_step_aside_where_they_cannot_serve(monkeypatch):
     model.precision = "bf16-mixed"
     model.forward(xs)
     assert calls == ["refused"] * 4  # a policy: not asked either
+
+
+def test_torch_s_own_operators_keep_what_the_loops_allowed(monkeypatch):
+    """What worked before torch's operators served must still work, as on the generic path:
+    an in-place change of the output before backward, forward and backward under
+    ``torch.inference_mode``, a gradient that autograd records when the incoming one is
+    recorded, and a hidden size of 0."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    xs, Wx, Wh, b, dhs = (
+        torch.asarray(rng.standard_normal(s))
+        for s in [(N, T, D), (D, 4 * H), (H, 4 * H), (4 * H,), (N, T, H)]
+    )
+
+    def runs():
+        hs, _, _, cache = rnn_xp.lstm_forward(xs, Wx, Wh, b)
+        hs.clamp_(min=0)  # an in-place ReLU after the RNN: the gradients must not see it
+        first = rnn_xp.lstm_backward(dhs, cache)
+        with torch.inference_mode():
+            hs2, _, _, cache2 = rnn_xp.lstm_forward(xs.clone(), Wx, Wh, b)
+            second = rnn_xp.lstm_backward(dhs.clone(), cache2)
+        d = dhs.clone().requires_grad_()
+        with torch.enable_grad():
+            _, _, _, cache3 = rnn_xp.lstm_forward(xs, Wx, Wh, b)
+            dxs = rnn_xp.lstm_backward(d, cache3)[0]
+            assert dxs.requires_grad  # recorded: a gradient penalty can go through it
+            (ddhs,) = torch.autograd.grad(dxs.square().sum(), d)
+        empty = rnn_xp.lstm_forward(xs, Wx[:, :0], Wh[:0, :0], None)[0]
+        assert empty.shape == (N, T, 0)
+        return [hs, *first, hs2, *second, ddhs]
+
+    fast = runs()
+    monkeypatch.setattr(_fastpath, "DISABLED", True)
+    generic = runs()
+    for i, (f, g) in enumerate(zip(fast, generic)):
+        if g is None:
+            assert f is None, i
+            continue
+        assert_close(f.detach().numpy(), g.detach().numpy(), "float64", f"result {i}")
