@@ -1053,7 +1053,7 @@ def test_every_option_says_what_it_does_and_its_default():
             assert "Default:" in text or "Required." in text, (name, action.dest, text)
 
 
-@pytest.mark.parametrize(("argv", "options"), [(["check"], 4), (["bench"], 10)])
+@pytest.mark.parametrize(("argv", "options"), [(["check"], 4), (["bench"], 11)])
 def test_check_and_bench_help(capsys, argv, options):
     rc, out, _ = call([*argv, "--help"], capsys)
     assert rc == 0
