@@ -21,7 +21,7 @@ LSTM step) and its BLAS's per-step products; BENCHMARKS.md, "Ahead of each
 library's own RNN", has the profile. The gradients then come from autograd
 through the same operator (`native_backward`), as ``torch.nn``'s do.
 
-torch itself is imported only when `ops`, `native_forward` or `native_backward` is called.
+torch itself is imported only when `ops` or `native_forward` is called.
 """
 
 from __future__ import annotations
