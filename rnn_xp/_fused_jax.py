@@ -27,14 +27,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from . import _mixed
+from . import _activations, _mixed
 
 
 class StepNamespace:
     """``xp`` (``jax.numpy``, or it under a precision policy) as the scans' steps see it.
 
     Every name is ``xp``'s own; ``rnn_xp_sigmoid`` is ``jax.nn.sigmoid`` (for
-    float32 and float64), which `rnn_xp._layer.sigmoid` uses where a namespace
+    float32 and float64), which `rnn_xp._activations.sigmoid` uses where a namespace
     has it (the generic loop's namespaces do not).
     """
 
@@ -47,7 +47,7 @@ class StepNamespace:
         def sigmoid(a):
             # 16-bit floats keep the generic loop's formula: the two round differently.
             if a.dtype.itemsize < 4:
-                return 0.5 * (xp.tanh(0.5 * a) + 1)
+                return _activations.tanh_sigmoid(xp, a)
             return jax.nn.sigmoid(a)
 
         self.rnn_xp_sigmoid = sigmoid

@@ -85,16 +85,6 @@ def result_dtype(*arrays: Array | None) -> Any:
     return np.result_type(*(dtype_name(a.dtype) for a in arrays if a is not None))
 
 
-def sigmoid(xp: ModuleType, a: Array) -> Array:
-    """The logistic function; through tanh, which cannot overflow as exp(-a) can.
-
-    A fast path's namespace may bring its library's own as ``rnn_xp_sigmoid``
-    (`rnn_xp._fused_jax.StepNamespace`: XLA's logistic, faster in its scans).
-    """
-    own = getattr(xp, "rnn_xp_sigmoid", None)
-    return 0.5 * (xp.tanh(0.5 * a) + 1) if own is None else own(a)
-
-
 def _check_step(
     cell: _scan.Cell,
     x: Array,

@@ -21,8 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 from . import _layer
+from ._activations import sigmoid
 from ._backends import on_input_device
-from ._layer import Layer, SequenceCache, sigmoid
+from ._layer import Layer, SequenceCache
 
 Array = Any
 

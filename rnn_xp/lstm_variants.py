@@ -30,7 +30,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from ._layer import sigmoid
+from ._activations import sigmoid
 from .cells import Cell, Outer, Param
 
 Array = Any
