@@ -3,8 +3,9 @@
 torch has no loops of its own. `_TorchOps` gives it the NumPy signatures that
 those loops call (``out=`` included), and `ops` hands it to them only when
 autograd records none of the arrays: in-place writes would cut its graph. A
-recorded forward or backward (a gradient penalty's, say) raises
-NotImplementedError, and autograd then records the generic loop of `_scan`.
+recorded forward or backward (a gradient penalty's, say), or a dual tensor of
+forward-mode AD, raises NotImplementedError, and autograd then records the
+generic loop of `_scan`.
 
 Where torch does better its own way, `_TorchOps` says so: the recurrent product
 is added inside the matrix product (``addmm``, BLAS's beta = 1), which saves a
@@ -21,25 +22,61 @@ LSTM step) and its BLAS's per-step products; BENCHMARKS.md, "Ahead of each
 library's own RNN", has the profile. The gradients then come from autograd
 through the same operator (`native_backward`), as ``torch.nn``'s do.
 
+Those operators take each weight as (G, K), the transpose of rnn_xp's (K, G),
+and copy any other layout to it themselves. Without a tape, `_torch_layout`
+copies it into a scratch buffer that the calling thread reuses from call to
+call (the values are copied afresh every call; only the memory is kept).
+Fresh copies each call slowed torch's LSTM at the notebook's size by an
+amount that varied from process to process: 1.25-1.69x ``torch.nn``'s time,
+against 1.27-1.28x with the buffers (BENCHMARKS.md).
+
 torch itself is imported only when `ops` or `native_forward` is called.
 """
 
 from __future__ import annotations
 
+import threading
 from types import ModuleType
 from typing import Any, NamedTuple
+
+import numpy as np
+
+SCRATCH_BYTES = 1 << 20
+"""The largest weight (bytes) whose transposed copy goes to a reused scratch buffer."""
+SCRATCH_COUNT = 4
+"""How many scratch buffers a thread keeps at most (the most recently used ones)."""
+
+_scratch = threading.local()
 
 
 def ops(arrays) -> _TorchOps:
     """`_TorchOps` on the device of ``arrays[0]``; None entries of ``arrays`` are skipped.
 
-    NotImplementedError when autograd is recording any of ``arrays``.
+    NotImplementedError when autograd is recording any of ``arrays`` (`_recorded`).
     """
     import torch
 
-    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arrays):
+    if _recorded(torch, [a for a in arrays if a is not None]):
         raise NotImplementedError
     return _TorchOps(torch, arrays[0].device)
+
+
+def _recorded(torch: ModuleType, arrays) -> bool:
+    """Whether autograd records any of ``arrays``, in reverse mode or in forward mode.
+
+    Forward mode: a dual tensor of ``torch.autograd.forward_ad``, whose tangent
+    the in-place loops, torch's operators from copies and NumPy's copies would
+    drop; the generic loop carries it.
+    """
+    if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
+        return True
+    from torch.autograd import forward_ad
+
+    # torch's own record of the dual level entered (-1: none, so no tangents anywhere);
+    # private, so where it is missing every array is asked.
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return False
+    return any(forward_ad.unpack_dual(a).tangent is not None for a in arrays)
 
 
 class _TorchOps:
@@ -109,6 +146,54 @@ def _native_operator(torch: ModuleType, cell: Any):
     raise NotImplementedError
 
 
+def _scratch_buffer(torch: ModuleType, role: str, shape: tuple, dtype: Any):
+    """This thread's (CPU) scratch buffer for ``role``, ``shape`` and ``dtype``.
+
+    At most `SCRATCH_COUNT` are kept, the least recently used dropped first.
+    A normal tensor even under ``torch.inference_mode``, so that later calls
+    outside it can still write into it.
+    """
+    kept = getattr(_scratch, "buffers", None)
+    if kept is None:
+        kept = _scratch.buffers = {}
+    key = (role, shape, dtype)
+    buffer = kept.pop(key, None)
+    if buffer is None:
+        with torch.inference_mode(False):
+            buffer = torch.empty(shape, dtype=dtype, device="cpu")
+    kept[key] = buffer  # the most recently used last
+    while len(kept) > SCRATCH_COUNT:
+        kept.pop(next(iter(kept)))
+    return buffer
+
+
+def _torch_layout(torch: ModuleType, role: str, w, scratch: bool):
+    """``w.T`` C-contiguous, as torch's sequence operators take a weight.
+
+    ``w.T`` itself when it is (a view of a torch layer's weight, say). Else
+    with ``scratch`` (no tape: nothing keeps the result after the call) and
+    ``w`` at most `SCRATCH_BYTES`, a copy into this thread's scratch buffer for
+    ``role``; else a fresh copy, which autograd records from ``w``. Never the
+    buffer while ``torch.jit.trace`` or ``torch.compile`` records the call: the
+    copy into it is invisible to them, and the trace would hold the buffer.
+    """
+    t = w.T
+    if (
+        not scratch
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or t.is_contiguous()
+        or w.numel() * w.element_size() > SCRATCH_BYTES
+    ):
+        return t.contiguous()
+    buffer = _scratch_buffer(torch, role, tuple(t.shape), t.dtype)
+    try:  # NumPy's transposing copy: 28 us against torch's 57 at (100, 400), equal at 1 MiB
+        np.copyto(buffer.numpy(), w.detach().numpy().T)
+    except (RuntimeError, TypeError):  # a tensor subclass or transform that refuses it
+        return t.contiguous()
+    return buffer
+
+
 def native_forward(cell, xs, Wx, bx, Wh, bh, state0, reverse: bool, keep: bool):
     """``(outs, state_n, tape)`` of one direction by torch's own operator, or NotImplementedError.
 
@@ -132,7 +217,7 @@ def native_forward(cell, xs, Wx, bx, Wh, bh, state0, reverse: bool, keep: bool):
         raise NotImplementedError
     if len({a.dtype for a in present}) > 1 or any(b is not None and b.ndim > 1 for b in (bx, bh)):
         raise NotImplementedError
-    if torch.is_grad_enabled() and any(a.requires_grad for a in present):
+    if _recorded(torch, present):
         raise NotImplementedError  # autograd records the generic loop instead
     if keep and (torch.is_inference_mode_enabled() or any(a.is_inference() for a in present)):
         raise NotImplementedError  # autograd cannot record from inference tensors
@@ -140,18 +225,30 @@ def native_forward(cell, xs, Wx, bx, Wh, bh, state0, reverse: bool, keep: bool):
     if Wx.shape[1] != G or cell.gates * H != G or 0 in (*xs.shape, H):
         raise NotImplementedError
     with torch.enable_grad() if keep else torch.no_grad():
-        leaves = tuple(None if a is None else a.detach().requires_grad_(keep) for a in arrays)
+        # Without a tape the arrays go in as they are (no autograd records them).
+        leaves = (
+            tuple(None if a is None else a.detach().requires_grad_() for a in arrays)
+            if keep
+            else arrays
+        )
         x, wx, wh, b_x, b_h, *states = leaves
-        zero = torch.zeros(G, dtype=xs.dtype, device=xs.device)
         # A bias of one entry (or 0-d) serves every column: expanded, autograd sums it back.
-        b_x, b_h = (zero if b is None else b.expand(G) for b in (b_x, b_h))
+        b_x, b_h = (
+            torch.zeros(G, dtype=xs.dtype, device=xs.device) if b is None else b.expand(G)
+            for b in (b_x, b_h)
+        )
         hx = tuple(s.unsqueeze(0) for s in states)
         if reverse:
             x = torch.flip(x, (1,))
         results = operator(
             x,
             hx if len(hx) > 1 else hx[0],
-            [wx.T.contiguous(), wh.T.contiguous(), b_x, b_h],
+            [
+                _torch_layout(torch, "x", wx, not keep),
+                _torch_layout(torch, "h", wh, not keep),
+                b_x,
+                b_h,
+            ],
             True,  # has_biases
             1,  # num_layers
             0.0,  # dropout

@@ -344,3 +344,173 @@ def test_torch_s_own_operators_keep_what_the_loops_allowed(monkeypatch):
             assert f is None, i
             continue
         assert_close(f.detach().numpy(), g.detach().numpy(), "float64", f"result {i}")
+
+
+def _generic_forward(monkeypatch, fn, *args):
+    monkeypatch.setattr(_fastpath, "DISABLED", True)
+    try:
+        return fn(*args, inference=True)[0]
+    finally:
+        monkeypatch.setattr(_fastpath, "DISABLED", False)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_torch_s_scratch_weights_are_copied_afresh_every_call(kind, monkeypatch):
+    """Without a tape, the transposed weights go to scratch buffers that later calls
+    reuse: a weight changed in place between calls, an input size equal to the
+    hidden size (two weights of one shape), a call under ``torch.inference_mode``
+    before one outside it, and more shapes than a thread keeps each give the
+    generic loop's outputs."""
+    torch = pytest.importorskip("torch")
+    from rnn_xp import _fused_torch
+
+    calls = _torch_native_calls(monkeypatch)
+    fn = {"lstm": rnn_xp.lstm_forward, "gru": rnn_xp.gru_forward}[kind]
+    g = {"lstm": 4, "gru": 3}[kind]
+    rng = np.random.default_rng(10)
+
+    def problem(d, h):
+        biases = [(g * h,)] * (2 if kind == "gru" else 1)  # the GRU's bx and bh
+        return [
+            torch.asarray(rng.standard_normal(s).astype("float32"))
+            for s in [(N, T, d), (d, g * h), (h, g * h), *biases]
+        ]
+
+    args = problem(H, H)  # D == H: Wx and Wh have one shape
+    _, Wx, Wh, *_ = args
+    checked = 0
+    for step in range(3):
+        context = torch.inference_mode() if step == 0 else torch.no_grad()
+        with context:
+            fast = fn(*args, inference=True)[0]
+        want = _generic_forward(monkeypatch, fn, *args)
+        assert_close(fast.numpy(), want.numpy().astype(np.float64), "float32", f"call {step}")
+        checked += 1
+        Wx.mul_(1.5)  # in place: the next call must see it
+        Wh.add_(0.25)
+    for d in range(1, 2 + 2 * _fused_torch.SCRATCH_COUNT):  # more shapes than are kept
+        args = problem(d, H)
+        fast = fn(*args, inference=True)[0]
+        want = _generic_forward(monkeypatch, fn, *args)
+        assert_close(fast.numpy(), want.numpy().astype(np.float64), "float32", f"D={d}")
+        checked += 1
+    assert calls == ["ran"] * checked
+    assert len(_fused_torch._scratch.buffers) <= _fused_torch.SCRATCH_COUNT
+
+
+def test_torch_s_scratch_weights_are_each_thread_s_own():
+    """Threads that run at once, each with its own weights, each get their own result."""
+    torch = pytest.importorskip("torch")
+    import concurrent.futures
+
+    rng = np.random.default_rng(11)
+    xs = torch.asarray(rng.standard_normal((N, T, D)).astype("float32"))
+    weights = [
+        [torch.asarray(rng.standard_normal(s).astype("float32")) for s in [(D, 4 * H), (H, 4 * H)]]
+        for _ in range(4)
+    ]
+
+    def run(k):
+        Wx, Wh = weights[k % 4]
+        return rnn_xp.lstm_forward(xs, Wx, Wh, None, inference=True)[0].numpy()
+
+    alone = [run(k) for k in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, range(64)))
+    for k, got in enumerate(together):
+        np.testing.assert_array_equal(got, alone[k % 4])
+
+
+def test_torch_s_scratch_weights_fall_back_to_a_fresh_copy(monkeypatch):
+    """Where NumPy cannot copy into the scratch buffer (a tensor subclass that refuses
+    ``numpy()``, say), the weights are copied by torch, with the same result."""
+    torch = pytest.importorskip("torch")
+    from rnn_xp import _fused_torch
+
+    rng = np.random.default_rng(12)
+    xs, Wx, Wh = (
+        torch.asarray(rng.standard_normal(s).astype("float32"))
+        for s in [(N, T, D), (D, 4 * H), (H, 4 * H)]
+    )
+    want = rnn_xp.lstm_forward(xs, Wx, Wh, None, inference=True)[0]
+
+    class Refusing:
+        @staticmethod
+        def copyto(*args):
+            raise TypeError("no NumPy view of this tensor")
+
+    monkeypatch.setattr(_fused_torch, "np", Refusing)
+    calls = _torch_native_calls(monkeypatch)
+    got = rnn_xp.lstm_forward(xs, Wx, Wh, None, inference=True)[0]
+    assert calls == ["ran"]
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torch_s_fast_paths_carry_forward_mode_tangents(monkeypatch):
+    """A dual tensor of ``torch.autograd.forward_ad`` (any argument, with or without a
+    tape) gets the generic loop's tangent: the fast paths would drop it."""
+    torch = pytest.importorskip("torch")
+    from torch.autograd import forward_ad
+
+    rng = np.random.default_rng(13)
+    args = [torch.asarray(rng.standard_normal(s)) for s in [(N, T, D), (D, 4 * H), (H, 4 * H)]]
+    tangent = [torch.asarray(rng.standard_normal(tuple(a.shape))) for a in args]
+
+    def tangents():
+        got = []
+        for k in range(3):
+            for inference in (True, False):
+                with forward_ad.dual_level():
+                    duals = list(args)
+                    duals[k] = forward_ad.make_dual(args[k], tangent[k])
+                    hs = rnn_xp.lstm_forward(*duals, None, inference=inference)[0]
+                    got.append(forward_ad.unpack_dual(hs).tangent)
+        return got
+
+    fast = tangents()
+    monkeypatch.setattr(_fastpath, "DISABLED", True)
+    generic = tangents()
+    for i, (f, g) in enumerate(zip(fast, generic)):
+        assert f is not None, i
+        assert g is not None, i
+        assert_close(f.numpy(), g.numpy(), "float64", f"tangent {i}")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.(script|trace)` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:Dynamo detected:UserWarning")  # array-api-compat's caches
+def test_torch_s_scratch_weights_stay_out_of_traces_and_graphs(monkeypatch):
+    """``torch.jit.trace`` and ``torch.compile`` of an inference call give the generic
+    loop's outputs for other weights than those traced with, and a default device
+    other than the CPU leaves the CPU scratch buffers on the CPU."""
+    torch = pytest.importorskip("torch")
+    from rnn_xp import _fused_torch
+
+    rng = np.random.default_rng(14)
+
+    def weights():
+        return [
+            torch.asarray(rng.standard_normal(s).astype("float32"))
+            for s in [(D, 4 * H), (H, 4 * H)]
+        ]
+
+    xs = torch.asarray(rng.standard_normal((N, T, D)).astype("float32"))
+
+    def forward(xs, Wx, Wh):
+        return rnn_xp.lstm_forward(xs, Wx, Wh, None, inference=True)[0]
+
+    traced = torch.jit.trace(forward, (xs, *weights()), check_trace=False)
+    compiled = torch.compile(forward, backend="eager")
+    Wx, Wh = weights()
+    got = [traced(xs, Wx, Wh), compiled(xs, Wx, Wh)]
+    more = weights()
+    _fused_torch._scratch.buffers = {}
+    with torch.device("meta"):  # the default device for new tensors
+        forward(xs, *more)
+    assert len(_fused_torch._scratch.buffers) == 2
+    assert all(b.device.type == "cpu" for b in _fused_torch._scratch.buffers.values())
+    monkeypatch.setattr(_fastpath, "DISABLED", True)
+    want = forward(xs, Wx, Wh)
+    for i, g in enumerate(got):
+        assert_close(g.numpy(), want.numpy().astype(np.float64), "float32", f"result {i}")
