@@ -248,12 +248,30 @@ def _float32_peer(a: dict, name: str) -> None:
         raise Unavailable(f"{name} is timed in float32 only, not {a['xs'].dtype}")
 
 
+def _jax_peer(label: str, forward: Callable, params: object, a: dict) -> dict:
+    """A JAX peer's contenders: ``forward(params, xs)`` and the gradient, both jitted.
+
+    The gradient is ``jax.grad`` of ``sum(out * dhs)`` with respect to ``params``
+    and ``xs``, as rnn_xp's backward gives them all.
+    """
+    import jax
+
+    jnp = jax.numpy
+    xs, dhs = jnp.asarray(a["xs"]), jnp.asarray(a["dhs"])
+    fwd = jax.jit(forward)
+    loss = lambda p, x: jnp.sum(forward(p, x) * dhs)  # noqa: E731
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return {
+        (label, False): lambda: jax.block_until_ready(fwd(params, xs)),
+        (label, True): lambda: jax.block_until_ready(grad(params, xs)),
+    }
+
+
 def flax_linen(kind: str, a: dict) -> dict:
     """Flax's ``nn.RNN`` of ``OptimizedLSTMCell`` or ``GRUCell``, under ``jax.jit``.
 
-    Loaded with the problem's weights, so it computes rnn_xp's forward. The
-    gradient is ``jax.grad`` of ``sum(out * dhs)`` with respect to the
-    parameters and ``xs``, as rnn_xp's backward gives them all.
+    Loaded with the problem's weights, so it computes rnn_xp's forward; the
+    gradient as `_jax_peer` takes it.
     """
     import jax
     from flax import linen as nn
@@ -279,23 +297,15 @@ def flax_linen(kind: str, a: dict) -> dict:
             "hz": {"kernel": Wh[1]},
             "hn": {"kernel": Wh[2], "bias": bh[2]},
         }
-    rnn = nn.RNN(cell)
     variables = jax.tree_util.tree_map(jnp.asarray, {"params": {"cell": params}})
-    xs, dhs = jnp.asarray(a["xs"]), jnp.asarray(a["dhs"])
-    fwd = jax.jit(rnn.apply)
-    loss = lambda v, x: jnp.sum(rnn.apply(v, x) * dhs)  # noqa: E731
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    return {
-        ("flax", False): lambda: jax.block_until_ready(fwd(variables, xs)),
-        ("flax", True): lambda: jax.block_until_ready(grad(variables, xs)),
-    }
+    return _jax_peer("flax", nn.RNN(cell).apply, variables, a)
 
 
 def keras_jax(kind: str, a: dict) -> dict:
     """Keras 3's ``LSTM`` or ``GRU`` layer on the JAX backend, under ``jax.jit``.
 
     Its ``stateless_call`` with the problem's weights (the GRU's ``reset_after``
-    is torch's form); the gradient as `flax_linen`'s. Unavailable where Keras
+    is torch's form); the gradient as `_jax_peer` takes it. Unavailable where Keras
     was imported on another backend (``KERAS_BACKEND``).
     """
     if kind not in ("lstm", "gru"):
@@ -307,7 +317,6 @@ def keras_jax(kind: str, a: dict) -> dict:
     if keras.backend.backend() != "jax":
         raise Unavailable(f"Keras runs on {keras.backend.backend()}; KERAS_BACKEND=jax runs it")
     _float32_peer(a, "keras")
-    jnp = jax.numpy
     N, T, D = a["xs"].shape
     H = a["Wh"].shape[0]
     Wx, Wh, bx, bh = _gate_blocks(a, kind)
@@ -320,20 +329,12 @@ def keras_jax(kind: str, a: dict) -> dict:
         cat = lambda blocks: np.concatenate([blocks[g] for g in order], axis=-1)  # noqa: E731
         weights = [cat(Wx), cat(Wh), np.stack([cat(bx), cat(bh)])]
     layer.build((N, T, D))
-    trainable = [jnp.asarray(w) for w in weights]
     fixed = [v.value for v in layer.non_trainable_variables]
-    xs, dhs = jnp.asarray(a["xs"]), jnp.asarray(a["dhs"])
 
     def forward(trainable, x):
         return layer.stateless_call(trainable, fixed, x)[0]
 
-    fwd = jax.jit(forward)
-    loss = lambda w, x: jnp.sum(forward(w, x) * dhs)  # noqa: E731
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    return {
-        ("keras jax", False): lambda: jax.block_until_ready(fwd(trainable, xs)),
-        ("keras jax", True): lambda: jax.block_until_ready(grad(trainable, xs)),
-    }
+    return _jax_peer("keras jax", forward, [jax.numpy.asarray(w) for w in weights], a)
 
 
 def rnn_xp_cupy(kind: str, a: dict) -> dict:
